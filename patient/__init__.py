@@ -1,0 +1,1 @@
+"""The Patient Service: patient identities and records, over Nameko RPC."""

@@ -1,0 +1,66 @@
+"""The database connection: URL, engine settings and the Nameko dependency."""
+
+from nameko_sqlalchemy import Database
+from nameko_sqlalchemy.database import Session
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import sessionmaker
+
+DEFAULT_DB_URI = "postgresql://postgres@127.0.0.1:5432/patient_service"
+
+
+def database_url(uri):
+    """Accept a plain ``postgresql://`` URL and name the installed driver.
+
+    SQLAlchemy 2.1 reads a plain URL as psycopg 3; this service ships
+    psycopg2.
+    """
+    url = make_url(uri)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg2")
+    return url
+
+
+def engine_options(config):
+    """Pool and timeouts from the service config.
+
+    The pool holds a connection for every worker, so a full house of workers
+    never waits for one; statement and connect timeouts bound every call.
+    """
+    workers = int(config.get("MAX_WORKERS", 10))
+    statement_ms = int(config.get("DB_STATEMENT_TIMEOUT_MS", 5000))
+    return {
+        "pool_size": workers + 2,
+        "max_overflow": 0,
+        "pool_timeout": float(config.get("DB_POOL_TIMEOUT_S", 5)),
+        "pool_pre_ping": True,
+        "hide_parameters": True,
+        "connect_args": {
+            "connect_timeout": int(config.get("DB_CONNECT_TIMEOUT_S", 3)),
+            "application_name": "patient_service",
+            "options": f"-c statement_timeout={statement_ms}"
+            f" -c idle_in_transaction_session_timeout={statement_ms * 6}",
+        },
+    }
+
+
+def make_engine(uri, config=None):
+    return create_engine(database_url(uri), **engine_options(config or {}))
+
+
+class PatientDatabase(Database):
+    """nameko-sqlalchemy's ``Database`` with its engine built from config.
+
+    nameko-sqlalchemy 1.5 takes engine options only from its constructor and
+    passes the URL to SQLAlchemy unchanged; this reads both from the
+    service's config instead.
+    """
+
+    def setup(self):
+        service_name = self.container.service_name
+        key = f"{service_name}:{self.declarative_base.__name__}"
+        self.db_uri = self.container.config["DB_URIS"][key]
+        self.engine = make_engine(self.db_uri, self.container.config)
+        self.Session = sessionmaker(
+            bind=self.engine, class_=Session, expire_on_commit=False
+        )

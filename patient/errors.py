@@ -1,0 +1,147 @@
+"""Every error a caller of the Patient Service can receive.
+
+Each type is registered with Nameko so that a Python caller that imports this
+module gets the same type back, with the same arguments, instead of a
+``RemoteError``. Messages and arguments carry ids, field paths and rules,
+never the values a caller sent: they end up in logs.
+"""
+
+from nameko.exceptions import deserialize_to_instance
+
+
+class PatientServiceError(Exception):
+    """Base of the errors this service raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message, *details):
+        super().__init__(message, *details)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+@deserialize_to_instance
+class PatientNotFound(PatientServiceError):
+    code = "patient-not-found"
+
+    def __init__(self, patient_id):
+        super().__init__(f"no patient with id {patient_id}")
+        self.args = (patient_id,)
+        self.patient_id = patient_id
+
+
+@deserialize_to_instance
+class InvalidPatient(PatientServiceError):
+    """The resource breaks a rule; ``errors`` maps a field path to messages."""
+
+    code = "invalid-patient"
+
+    def __init__(self, errors):
+        super().__init__(_summarise(errors))
+        self.args = (errors,)
+        self.errors = errors
+
+
+@deserialize_to_instance
+class InvalidSearch(PatientServiceError):
+    code = "invalid-search"
+
+    def __init__(self, errors):
+        super().__init__(_summarise(errors))
+        self.args = (errors,)
+        self.errors = errors
+
+
+@deserialize_to_instance
+class InvalidRequest(PatientServiceError):
+    """An argument other than the resource is malformed."""
+
+    code = "invalid-request"
+
+    def __init__(self, errors):
+        super().__init__(_summarise(errors))
+        self.args = (errors,)
+        self.errors = errors
+
+
+@deserialize_to_instance
+class DuplicatePatient(PatientServiceError):
+    """An identifier of the resource is held by another patient."""
+
+    code = "duplicate-patient"
+
+    def __init__(self, existing_id, system=None):
+        where = f" (identifier system {system})" if system else ""
+        super().__init__(f"identifier already held by patient {existing_id}{where}")
+        self.args = (existing_id, system)
+        self.existing_id = existing_id
+        self.system = system
+
+
+@deserialize_to_instance
+class VersionConflict(PatientServiceError):
+    code = "version-conflict"
+
+    def __init__(self, patient_id, expected_version, current_version):
+        super().__init__(
+            f"patient {patient_id} is at version {current_version}, "
+            f"not {expected_version}"
+        )
+        self.args = (patient_id, expected_version, current_version)
+        self.patient_id = patient_id
+        self.expected_version = expected_version
+        self.current_version = current_version
+
+
+@deserialize_to_instance
+class IdempotencyKeyReused(PatientServiceError):
+    code = "idempotency-key-reused"
+
+    def __init__(self, message="idempotency key already used for another request"):
+        super().__init__(message)
+
+
+@deserialize_to_instance
+class ServiceUnavailable(PatientServiceError):
+    """A dependency the call needs (the database) cannot be reached now."""
+
+    code = "service-unavailable"
+
+    def __init__(self, message="the patient database is unavailable; retry later"):
+        super().__init__(message)
+
+
+@deserialize_to_instance
+class InternalError(PatientServiceError):
+    """Something unexpected failed; ``reference`` finds it in the logs."""
+
+    code = "internal-error"
+
+    def __init__(self, reference):
+        super().__init__(f"internal error, reference {reference}")
+        self.args = (reference,)
+        self.reference = reference
+
+
+# What a caller can be told about: logged as warnings, not as crashes.
+EXPECTED_ERRORS = (
+    PatientNotFound,
+    InvalidPatient,
+    InvalidSearch,
+    InvalidRequest,
+    DuplicatePatient,
+    VersionConflict,
+    IdempotencyKeyReused,
+    ServiceUnavailable,
+)
+
+
+def _summarise(errors):
+    if not isinstance(errors, dict) or not errors:
+        return "invalid input"
+    fields = sorted(errors)
+    shown = ", ".join(fields[:5])
+    more = f" and {len(fields) - 5} more" if len(fields) > 5 else ""
+    return f"invalid {shown}{more}"

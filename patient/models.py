@@ -1,0 +1,143 @@
+"""Tables of the patient database. Alembic migrations build them; the
+service never calls ``create_all``."""
+
+import uuid
+from datetime import date, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Index keys compare byte-wise: prefix searches (LIKE 'abc%') then use a plain
+# b-tree whatever the database's default collation is.
+C = "C"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    """The current version of each patient; ``resource`` is what callers get."""
+
+    __tablename__ = "patients"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    resource: Mapped[dict] = mapped_column(JSONB, nullable=False)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    gender: Mapped[str | None] = mapped_column(String(16))
+    birth_date_start: Mapped[date | None] = mapped_column(Date)
+    birth_date_end: Mapped[date | None] = mapped_column(Date)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PatientIdentifier(Base):
+    """Identifiers of the current version. Only those with a system and a
+    value are unique (``enforced``); the others are kept for search."""
+
+    __tablename__ = "patient_identifiers"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("patients.id"), nullable=False
+    )
+    system: Mapped[str | None] = mapped_column(Text(collation=C))
+    value: Mapped[str | None] = mapped_column(Text(collation=C))
+
+    __table_args__ = (
+        Index(
+            "uq_patient_identifiers_system_value",
+            "system",
+            "value",
+            unique=True,
+            postgresql_where=text("system IS NOT NULL AND value IS NOT NULL"),
+        ),
+        Index("ix_patient_identifiers_value", "value"),
+        Index("ix_patient_identifiers_patient_id", "patient_id"),
+    )
+
+
+class PatientNameToken(Base):
+    """Folded (case- and accent-free) parts of names, for prefix search."""
+
+    __tablename__ = "patient_name_tokens"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("patients.id"), nullable=False
+    )
+    part: Mapped[str] = mapped_column(String(8), nullable=False)
+    token: Mapped[str] = mapped_column(Text(collation=C), nullable=False)
+
+    __table_args__ = (
+        Index("ix_patient_name_tokens_part_token", "part", "token", "patient_id"),
+        Index("ix_patient_name_tokens_patient_id", "patient_id"),
+    )
+
+
+class PatientTelecom(Base):
+    """Search keys of phone numbers and e-mail addresses."""
+
+    __tablename__ = "patient_telecoms"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("patients.id"), nullable=False
+    )
+    system: Mapped[str] = mapped_column(String(8), nullable=False)
+    key: Mapped[str] = mapped_column(Text(collation=C), nullable=False)
+
+    __table_args__ = (
+        Index("ix_patient_telecoms_system_key", "system", "key", "patient_id"),
+        Index("ix_patient_telecoms_patient_id", "patient_id"),
+    )
+
+
+class IdempotencyRecord(Base):
+    """The first answer to a keyed write, replayed when the key returns.
+
+    A key is either the caller's ``idempotency_key`` or, without one, the AMQP
+    correlation id of the message, so a redelivered message is a replay.
+    """
+
+    __tablename__ = "idempotency_records"
+
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(Text(collation=C), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    patient_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    response: Mapped[dict | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_idempotency_records_created_at", "created_at"),)
+
+
+class AuditEvent(Base):
+    """One row for every change of a patient, written in the same
+    transaction as the change."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(Text, nullable=False)
+    service: Mapped[str | None] = mapped_column(Text)
+    call_id: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_audit_events_patient_id", "patient_id", "id"),)

@@ -1,0 +1,426 @@
+"""Registering, reading, updating and deactivating patients.
+
+Every function takes an open SQLAlchemy session and a ``Caller`` and knows
+nothing of AMQP or HTTP. Writes commit here, each in one transaction with
+its audit record and its idempotency record.
+"""
+
+import copy
+import hashlib
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
+
+from patient.errors import (
+    DuplicatePatient,
+    IdempotencyKeyReused,
+    InvalidPatient,
+    InvalidRequest,
+    PatientNotFound,
+    VersionConflict,
+)
+from patient.fhir import check_limits, validate_patient
+from patient.index import search_keys
+from patient.models import (
+    AuditEvent,
+    IdempotencyRecord,
+    Patient,
+    PatientIdentifier,
+    PatientNameToken,
+    PatientTelecom,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_CHARS = 255
+MAX_BATCH = 500
+
+CREATED = "created"
+REPLAYED = "replayed"
+
+
+def register_patient(session, resource, caller, idempotency_key=None, region=None):
+    """Store a new patient; return the stored resource.
+
+    With a key seen before and the same resource, the first answer comes
+    back and nothing is written.
+    """
+    _check_key(idempotency_key)
+    check_limits(resource)
+    outcome, stored = _register(
+        session, resource, caller, idempotency_key, None, region
+    )
+    session.commit()
+    return stored
+
+
+def register_patients(session, entries, caller, region=None):
+    """Register many patients in one transaction, each under its own
+    savepoint; return a result for each entry, in order.
+
+    An entry is ``{"resource": {...}, "idempotency_key": "..."}``. A result is
+    ``{"status": "created" | "replayed", "id", "versionId"}`` or
+    ``{"status": "duplicate", "existing_id"}``, ``{"status": "invalid",
+    "errors"}``, ``{"status": "key-reused"}``.
+    """
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_BATCH:
+        raise InvalidRequest(
+            {"entries": [f"must be a list of 1 to {MAX_BATCH} entries"]}
+        )
+
+    results = []
+    for position, entry in enumerate(entries):
+        results.append(_register_entry(session, entry, position, caller, region))
+    session.commit()
+    return results
+
+
+def _register_entry(session, entry, position, caller, region):
+    if not isinstance(entry, dict) or "resource" not in entry:
+        return {"status": "invalid", "errors": {"entry": ["must hold a resource"]}}
+    if set(entry) - {"resource", "idempotency_key"}:
+        return {"status": "invalid", "errors": {"entry": ["has unknown keys"]}}
+    try:
+        _check_key(entry.get("idempotency_key"))
+        check_limits(entry["resource"])
+        outcome, stored = _register(
+            session,
+            entry["resource"],
+            caller,
+            entry.get("idempotency_key"),
+            position,
+            region,
+        )
+    except (InvalidPatient, InvalidRequest) as exc:
+        return {"status": "invalid", "errors": exc.errors}
+    except DuplicatePatient as exc:
+        return {
+            "status": "duplicate",
+            "existing_id": exc.existing_id,
+            "system": exc.system,
+        }
+    except IdempotencyKeyReused:
+        return {"status": "key-reused"}
+    return {
+        "status": outcome,
+        "id": stored["id"],
+        "versionId": stored["meta"]["versionId"],
+    }
+
+
+def _register(session, resource, caller, idempotency_key, position, region):
+    patient_id = uuid.uuid4()
+    now = datetime.now(UTC)
+    stored = _with_server_fields(resource, patient_id, 1, now)
+    validate_patient(stored)
+    scope, key = _key_for("register", idempotency_key, caller, position)
+
+    # One savepoint holds the key's claim and the writes: a duplicate undoes
+    # both, so a refused entry of a batch leaves its key free.
+    try:
+        with session.begin_nested():
+            if key is not None:
+                replay = _claim_key(session, scope, key, _hash(resource))
+                if replay is not None:
+                    return REPLAYED, replay
+            session.execute(
+                insert(Patient),
+                [_patient_row(patient_id, 1, stored, now, region, created_at=now)],
+            )
+            _write_search_keys(session, patient_id, stored, region)
+            _audit(session, patient_id, "create", 1, now, caller)
+            if key is not None:
+                _record_answer(session, scope, key, patient_id, stored)
+    except IntegrityError:
+        raise _duplicate(session, stored) from None
+
+    log.info("registered patient %s", patient_id)
+    return CREATED, stored
+
+
+def get_patient(session, patient_id):
+    row = _find(session, patient_id)
+    return row.resource
+
+
+def find_patient_by_identifier(session, system, value):
+    if not isinstance(system, str) or not isinstance(value, str):
+        raise InvalidRequest({"identifier": ["system and value must be strings"]})
+    resource = session.execute(
+        select(Patient.resource)
+        .join(PatientIdentifier, PatientIdentifier.patient_id == Patient.id)
+        .where(PatientIdentifier.system == system, PatientIdentifier.value == value)
+        .limit(1)
+    ).scalar_one_or_none()
+    if resource is None:
+        raise PatientNotFound("with that identifier")
+    return resource
+
+
+def update_patient(
+    session, patient_id, resource, expected_version, caller, region=None
+):
+    """Replace the resource if it is still at ``expected_version``."""
+    expected = _version(expected_version, required=True)
+    check_limits(resource)
+    if "id" in resource and resource["id"] != str(patient_id):
+        raise InvalidPatient({"id": ["must be the id of the patient updated"]})
+
+    scope, key = _key_for("update", None, caller, None)
+    request_hash = _hash([str(patient_id), resource, expected])
+    try:
+        with session.begin_nested():
+            if key is not None:
+                replay = _claim_key(session, scope, key, request_hash)
+                if replay is not None:
+                    return replay
+
+            row = _find(session, patient_id, lock=True)
+            if row.version != expected:
+                raise VersionConflict(str(row.id), expected, row.version)
+            version, now = row.version + 1, datetime.now(UTC)
+            stored = _with_server_fields(resource, row.id, version, now)
+            validate_patient(stored)
+
+            _replace(session, row.id, version, stored, now, region)
+            _audit(session, row.id, "update", version, now, caller)
+            if key is not None:
+                _record_answer(session, scope, key, row.id, stored)
+    except IntegrityError:
+        raise _duplicate(session, stored, ignore=row.id) from None
+    session.commit()
+    log.info("updated patient %s to version %s", row.id, version)
+    return stored
+
+
+def deactivate_patient(session, patient_id, caller, expected_version=None, region=None):
+    """Mark the patient inactive: a new version, still readable and
+    searchable. Deactivating an inactive patient changes nothing."""
+    expected = _version(expected_version, required=False)
+    row = _find(session, patient_id, lock=True)
+    if row.resource.get("active") is False:
+        session.commit()
+        return row.resource
+    if expected is not None and row.version != expected:
+        raise VersionConflict(str(row.id), expected, row.version)
+
+    version, now = row.version + 1, datetime.now(UTC)
+    stored = _with_server_fields(
+        {**row.resource, "active": False}, row.id, version, now
+    )
+    session.execute(
+        update(Patient)
+        .where(Patient.id == row.id)
+        .values(version=version, resource=stored, active=False, last_updated=now)
+    )
+    _audit(session, row.id, "deactivate", version, now, caller)
+    session.commit()
+    log.info("deactivated patient %s at version %s", row.id, version)
+    return stored
+
+
+def _find(session, patient_id, lock=False):
+    key = _patient_uuid(patient_id)
+    query = select(Patient).where(Patient.id == key)
+    if lock:
+        query = query.with_for_update()
+    row = session.execute(query).scalar_one_or_none() if key else None
+    if row is None:
+        raise PatientNotFound(str(key) if key else "given")
+    return row
+
+
+def _patient_uuid(patient_id):
+    if isinstance(patient_id, uuid.UUID):
+        return patient_id
+    if not isinstance(patient_id, str):
+        raise InvalidRequest({"patient_id": ["must be a string"]})
+    try:
+        return uuid.UUID(patient_id) if len(patient_id) <= 64 else None
+    except ValueError:
+        return None
+
+
+def _version(value, required):
+    if value is None and not required:
+        return None
+    if isinstance(value, bool):
+        value = None
+    elif isinstance(value, str) and value.isdigit() and len(value) < 10:
+        value = int(value)
+    if not isinstance(value, int) or value < 1:
+        raise InvalidRequest(
+            {"expected_version": ["must be a positive version number"]}
+        )
+    return value
+
+
+def _check_key(idempotency_key):
+    if idempotency_key is None:
+        return
+    if (
+        not isinstance(idempotency_key, str)
+        or not 1 <= len(idempotency_key) <= MAX_KEY_CHARS
+    ):
+        raise InvalidRequest(
+            {
+                "idempotency_key": [
+                    f"must be a string of 1 to {MAX_KEY_CHARS} characters"
+                ]
+            }
+        )
+
+
+def _key_for(action, idempotency_key, caller, position):
+    """The caller's key, or else the delivery's, so that a redelivered
+    message is answered from the first delivery."""
+    if idempotency_key is not None:
+        return action, idempotency_key
+    if caller.delivery_id:
+        suffix = "" if position is None else f"#{position}"
+        return f"delivery:{action}", f"{caller.delivery_id}{suffix}"
+    return None, None
+
+
+def _claim_key(session, scope, key, request_hash):
+    """Claim the key for this request, or return the first answer under it.
+
+    The insert waits on a concurrent holder of the same key until it commits
+    or rolls back, so two racing requests never both write.
+    """
+    claimed = session.execute(
+        pg_insert(IdempotencyRecord)
+        .values(
+            scope=scope,
+            key=key,
+            request_hash=request_hash,
+            created_at=datetime.now(UTC),
+        )
+        .on_conflict_do_nothing()
+        .returning(IdempotencyRecord.key)
+    ).first()
+    if claimed is not None:
+        return None
+
+    record = session.execute(
+        select(IdempotencyRecord).where(
+            IdempotencyRecord.scope == scope, IdempotencyRecord.key == key
+        )
+    ).scalar_one()
+    if record.request_hash != request_hash:
+        raise IdempotencyKeyReused()
+    return record.response
+
+
+def _record_answer(session, scope, key, patient_id, stored):
+    session.execute(
+        update(IdempotencyRecord)
+        .where(IdempotencyRecord.scope == scope, IdempotencyRecord.key == key)
+        .values(patient_id=patient_id, response=stored)
+    )
+
+
+def _hash(value):
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _with_server_fields(resource, patient_id, version, now):
+    stored = copy.deepcopy(resource)
+    meta = stored.get("meta") if isinstance(stored.get("meta"), dict) else {}
+    stored["id"] = str(patient_id)
+    stored["meta"] = {
+        **meta,
+        "versionId": str(version),
+        "lastUpdated": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+    return stored
+
+
+def _patient_row(patient_id, version, stored, now, region, created_at=None):
+    keys = search_keys(stored, region)
+    row = {
+        "id": patient_id,
+        "version": version,
+        "resource": stored,
+        "active": keys.active,
+        "gender": keys.gender,
+        "birth_date_start": keys.birth_date_start,
+        "birth_date_end": keys.birth_date_end,
+        "last_updated": now,
+    }
+    if created_at is not None:
+        row["created_at"] = created_at
+    return row
+
+
+def _write_search_keys(session, patient_id, stored, region):
+    keys = search_keys(stored, region)
+    if keys.identifiers:
+        session.execute(
+            insert(PatientIdentifier),
+            [
+                {"patient_id": patient_id, "system": s, "value": v}
+                for s, v in keys.identifiers
+            ],
+        )
+    if keys.name_tokens:
+        session.execute(
+            insert(PatientNameToken),
+            [
+                {"patient_id": patient_id, "part": p, "token": t}
+                for p, t in keys.name_tokens
+            ],
+        )
+    if keys.telecoms:
+        session.execute(
+            insert(PatientTelecom),
+            [
+                {"patient_id": patient_id, "system": s, "key": k}
+                for s, k in keys.telecoms
+            ],
+        )
+
+
+def _replace(session, patient_id, version, stored, now, region):
+    row = _patient_row(patient_id, version, stored, now, region)
+    session.execute(update(Patient).where(Patient.id == patient_id).values(**row))
+    for table in (PatientIdentifier, PatientNameToken, PatientTelecom):
+        session.execute(delete(table).where(table.patient_id == patient_id))
+    _write_search_keys(session, patient_id, stored, region)
+
+
+def _audit(session, patient_id, action, version, now, caller):
+    session.execute(
+        insert(AuditEvent).values(
+            patient_id=patient_id,
+            action=action,
+            version=version,
+            occurred_at=now,
+            actor=caller.actor,
+            service=caller.service,
+            call_id=caller.call_id,
+        )
+    )
+
+
+def _duplicate(session, stored, ignore=None):
+    """The error for a resource whose identifier another patient holds."""
+    enforced = [(s, v) for s, v in search_keys(stored).identifiers if s and v]
+    query = select(PatientIdentifier.patient_id, PatientIdentifier.system).where(
+        tuple_(PatientIdentifier.system, PatientIdentifier.value).in_(enforced)
+    )
+    if ignore is not None:
+        query = query.where(PatientIdentifier.patient_id != ignore)
+    holder = session.execute(query.limit(1)).first() if enforced else None
+    if holder is None:
+        # The constraint fired for a holder that has since changed its
+        # identifiers; the caller may simply retry.
+        return DuplicatePatient("unknown")
+    log.info("refused a duplicate of patient %s", holder.patient_id)
+    return DuplicatePatient(str(holder.patient_id), holder.system)

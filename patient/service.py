@@ -1,0 +1,77 @@
+"""The ``patient_service`` Nameko service: a thin adapter from RPC calls to
+the plain modules that hold the rules."""
+
+from nameko.dependency_providers import Config
+
+from patient import health, records, search
+from patient.db import PatientDatabase
+from patient.dependencies import CallerProvider, rpc
+from patient.models import Base
+
+
+class PatientService:
+    name = "patient_service"
+
+    db = PatientDatabase(Base)
+    caller = CallerProvider()
+    config = Config()
+
+    @property
+    def region(self):
+        return self.config.get("PHONE_REGION") or None
+
+    @rpc(sensitive_arguments=("patient",))
+    def register_patient(self, patient, idempotency_key=None):
+        return records.register_patient(
+            self.db.session, patient, self.caller, idempotency_key, self.region
+        )
+
+    @rpc(sensitive_arguments=("entries",))
+    def register_patients(self, entries):
+        return records.register_patients(
+            self.db.session, entries, self.caller, self.region
+        )
+
+    @rpc
+    def get_patient(self, patient_id):
+        return records.get_patient(self.db.session, patient_id)
+
+    @rpc(sensitive_arguments=("system", "value"))
+    def find_patient_by_identifier(self, system, value):
+        return records.find_patient_by_identifier(self.db.session, system, value)
+
+    @rpc(sensitive_arguments=("patient",))
+    def update_patient(self, patient_id, patient, expected_version):
+        return records.update_patient(
+            self.db.session,
+            patient_id,
+            patient,
+            expected_version,
+            self.caller,
+            self.region,
+        )
+
+    @rpc
+    def deactivate_patient(self, patient_id, expected_version=None):
+        return records.deactivate_patient(
+            self.db.session, patient_id, self.caller, expected_version, self.region
+        )
+
+    @rpc(sensitive_arguments=("criteria",))
+    def search_patients(self, criteria, count=20, cursor=None):
+        return search.search_patients(
+            self.db.session, criteria, count, cursor, self.region
+        )
+
+    @rpc
+    def ping(self):
+        """Touches nothing: the floor of an RPC round trip."""
+        return "pong"
+
+    @rpc
+    def health(self):
+        checks = {
+            "database": health.database_status(self.db.session),
+            "broker": health.broker_status(self.config["AMQP_URI"]),
+        }
+        return {"status": health.overall(checks), **checks}

@@ -1,0 +1,2 @@
+def test_smoke(patients):
+    assert patients.ping() == "pong"
