@@ -1,10 +1,12 @@
 """Nameko extensions of the service: the RPC entrypoint and the caller."""
 
 import functools
+import inspect
 import logging
 import traceback
 import uuid
 
+from nameko.exceptions import IncorrectSignature
 from nameko.extensions import DependencyProvider
 from nameko.rpc import Rpc
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -30,6 +32,15 @@ class PatientRpc(Rpc):
     made without an idempotency key use it to answer the redelivery from the
     first delivery instead of writing twice.
     """
+
+    def check_signature(self, args, kwargs):
+        # The method is wrapped by ``rpc`` below; check the arguments against
+        # the signature it was written with.
+        method = inspect.unwrap(getattr(self.container.service_cls, self.method_name))
+        try:
+            inspect.signature(method).bind(None, *args, **kwargs)
+        except TypeError as exc:
+            raise IncorrectSignature(str(exc)) from None
 
     def unpack_message_headers(self, message):
         data = super().unpack_message_headers(message)

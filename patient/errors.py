@@ -72,7 +72,9 @@ class DuplicatePatient(PatientServiceError):
 
     code = "duplicate-patient"
 
-    def __init__(self, existing_id, system=None):
+    def __init__(self, existing_id, system=""):
+        # Nameko sends arguments as strings (None would arrive as "None").
+        system = system or ""
         where = f" (identifier system {system})" if system else ""
         super().__init__(f"identifier already held by patient {existing_id}{where}")
         self.args = (existing_id, system)
@@ -85,6 +87,9 @@ class VersionConflict(PatientServiceError):
     code = "version-conflict"
 
     def __init__(self, patient_id, expected_version, current_version):
+        # Versions are strings, as FHIR's meta.versionId and as Nameko sends
+        # arguments.
+        expected_version, current_version = str(expected_version), str(current_version)
         super().__init__(
             f"patient {patient_id} is at version {current_version}, "
             f"not {expected_version}"
@@ -139,9 +144,7 @@ EXPECTED_ERRORS = (
 
 
 def _summarise(errors):
-    if not isinstance(errors, dict) or not errors:
-        return "invalid input"
-    fields = sorted(errors)
-    shown = ", ".join(fields[:5])
-    more = f" and {len(fields) - 5} more" if len(fields) > 5 else ""
-    return f"invalid {shown}{more}"
+    # Only a count: a field path can itself be caller-chosen text (an unknown
+    # element's name), and messages are logged. The paths are in ``errors``.
+    count = len(errors) if isinstance(errors, dict) else 0
+    return f"invalid input in {count} field{'s' if count != 1 else ''}"

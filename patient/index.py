@@ -25,6 +25,13 @@ _LATIN_LETTERS = str.maketrans(
 )
 _WORD_BREAK = re.compile(r"[\s\-‐‑‒–—]+")
 _PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
+# Chinese, Japanese and Korean names are often written without spaces
+# ("张无忌"): every tail of such a word is a token, so a given name is
+# found as well as the family name in front of it.
+_CJK = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
+)
+MAX_CJK_TAILS = 12
 
 
 @dataclass
@@ -103,6 +110,9 @@ def _tokens(value):
         bare = _PUNCTUATION.sub("", word)
         if bare:
             found.setdefault(bare)
+        if _CJK.search(word) and len(word) <= MAX_CJK_TAILS:
+            for start in range(1, len(word)):
+                found.setdefault(word[start:])
     return [token[:MAX_TOKEN_CHARS] for token in found]
 
 

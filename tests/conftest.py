@@ -15,6 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from alembic import command  # noqa: E402
 from alembic.config import Config as AlembicConfig  # noqa: E402
+from nameko.containers import ServiceContainer  # noqa: E402
 from nameko.standalone.rpc import ClusterRpcProxy  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
@@ -93,7 +94,7 @@ def rabbitmqctl(*args):
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def config(db_uri, amqp_uri):
     return {
         "AMQP_URI": amqp_uri,
@@ -105,7 +106,7 @@ def config(db_uri, amqp_uri):
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def engine(db_uri):
     engine = make_engine(db_uri)
     yield engine
@@ -125,18 +126,32 @@ def db(engine, clean_db):
         yield session
 
 
-@pytest.fixture
-def service(container_factory, config, clean_db):
-    container = container_factory(PatientService, config)
+@pytest.fixture(scope="session")
+def running_service(config):
+    """One service for the whole run: starting and stopping a container
+    costs about a second."""
+    container = ServiceContainer(PatientService, config)
     container.start()
-    return container
+    yield container
+    container.stop()
 
 
 @pytest.fixture
-def cluster(config, service):
-    """A proxy to the running service, with a deadline on every call."""
+def service(running_service, clean_db):
+    """The running service, on an empty database."""
+    return running_service
+
+
+@pytest.fixture(scope="session")
+def session_cluster(config, running_service):
     with ClusterRpcProxy(config, timeout=30) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def cluster(session_cluster, service):
+    """A proxy to the running service, with a deadline on every call."""
+    return session_cluster
 
 
 @pytest.fixture

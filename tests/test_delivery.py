@@ -1,0 +1,85 @@
+"""At-least-once delivery: a message delivered twice writes once."""
+
+import json
+import uuid
+
+import pytest
+from kombu import Connection, Exchange, Queue
+from sqlalchemy import func, select
+
+from patient.models import AuditEvent, Patient
+from tests.factories import patient
+
+
+def call_twice(amqp_uri, method, args):
+    """Publish one RPC request twice, with one correlation id, as a broker
+    does when it redelivers; return both replies."""
+    correlation_id = str(uuid.uuid4())
+    exchange = Exchange("nameko-rpc", type="topic", durable=True)
+    name = f"test-replies-{correlation_id}"
+    # Nameko sends replies through its RPC exchange, keyed by reply_to.
+    reply_queue = Queue(
+        name, exchange, routing_key=name, exclusive=True, auto_delete=True
+    )
+    body = json.dumps({"args": args, "kwargs": {}})
+    replies = []
+    collect = lambda body, message: replies.append(body)  # noqa: E731
+    with (
+        Connection(amqp_uri) as conn,
+        conn.Consumer(reply_queue, callbacks=[collect]) as consumer,
+    ):
+        consumer.consume()
+        producer = conn.Producer(exchange=exchange)
+        for _ in range(2):
+            producer.publish(
+                body,
+                routing_key=f"patient_service.{method}",
+                correlation_id=correlation_id,
+                reply_to=reply_queue.name,
+                content_type="application/json",
+                declare=[reply_queue],
+            )
+        while len(replies) < 2:
+            conn.drain_events(timeout=10)
+    return [r if isinstance(r, dict) else json.loads(r) for r in replies]
+
+
+def test_a_redelivered_registration_creates_one_patient(config, service, db):
+    first, second = call_twice(config["AMQP_URI"], "register_patient", [patient()])
+
+    assert first["error"] is None and second["error"] is None
+    assert first["result"] == second["result"]
+    assert db.execute(select(func.count()).select_from(Patient)).scalar_one() == 1
+    assert db.execute(select(func.count()).select_from(AuditEvent)).scalar_one() == 1
+
+
+def test_a_redelivered_update_applies_once(config, service, patients, db):
+    stored = patients.register_patient(patient())
+    changed = {**stored, "gender": "other"}
+
+    first, second = call_twice(
+        config["AMQP_URI"], "update_patient", [stored["id"], changed, "1"]
+    )
+
+    assert second["error"] is None, second["error"]
+    assert first["result"] == second["result"]
+    assert patients.get_patient(stored["id"])["meta"]["versionId"] == "2"
+
+
+@pytest.mark.parametrize("method", ["register_patients"])
+def test_a_redelivered_batch_creates_each_patient_once(config, service, db, method):
+    entries = [{"resource": patient()} for _ in range(3)]
+
+    first, second = call_twice(config["AMQP_URI"], method, [entries])
+
+    assert [r["status"] for r in first["result"]] == ["created"] * 3
+    assert [r["status"] for r in second["result"]] == ["replayed"] * 3
+    assert db.execute(select(func.count()).select_from(Patient)).scalar_one() == 3
+
+
+def test_separate_calls_without_a_key_are_separate_patients(patients, db):
+    resource = patient(identifier=[])
+    patients.register_patient(resource)
+    patients.register_patient(resource)
+
+    assert db.execute(select(func.count()).select_from(Patient)).scalar_one() == 2

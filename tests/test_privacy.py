@@ -1,0 +1,94 @@
+"""Logs carry ids and outcomes, never what identifies a patient."""
+
+import logging
+import logging.config
+
+import pytest
+import yaml
+from nameko.cli.main import setup_yaml_parser
+
+from patient.errors import PatientServiceError
+from tests.conftest import ROOT
+from tests.factories import example, patient
+
+SECRET_NAME = "Zyxwvutsrqponm"
+SECRET_GIVEN = "Qwertyuiopasd"
+SECRET_BIRTH = "1931-07-29"
+SECRET_PHONE = "+44 20 7946 0958"
+SECRET_EMAIL = "zyxw.secret@example.org"
+SECRET_MRN = "MRN-SECRET-7781"
+SECRETS = [
+    SECRET_NAME,
+    SECRET_NAME.lower(),
+    SECRET_GIVEN,
+    SECRET_BIRTH,
+    "7946 0958",
+    "79460958",
+    SECRET_EMAIL,
+    SECRET_MRN,
+]
+
+
+def secret_patient():
+    return patient(
+        name=[{"family": SECRET_NAME, "given": [SECRET_GIVEN]}],
+        birthDate=SECRET_BIRTH,
+        telecom=[
+            {"system": "phone", "value": SECRET_PHONE},
+            {"system": "email", "value": SECRET_EMAIL},
+        ],
+        identifier=[{"system": "urn:test:mrn", "value": SECRET_MRN}],
+    )
+
+
+@pytest.fixture
+def shipped_logging_at_debug(monkeypatch):
+    """The logging set-up of config.yml, with LOG_LEVEL=DEBUG."""
+    monkeypatch.setenv("LOG_LEVEL", "DEBUG")
+    setup_yaml_parser()
+    config = yaml.unsafe_load((ROOT / "config.yml").read_text())
+    logging.config.dictConfig({**config["LOGGING"], "handlers": {}, "root": {}})
+    yield
+    for name in config["LOGGING"]["loggers"]:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_a_full_run_at_debug_level_logs_no_personal_data(
+    patients, caplog, shipped_logging_at_debug
+):
+    caplog.set_level(logging.DEBUG)
+
+    stored = patients.register_patient(secret_patient(), idempotency_key="priv-1")
+    patients.register_patient(secret_patient(), idempotency_key="priv-1")
+    calls = [
+        lambda: patients.register_patient(secret_patient()),  # duplicate
+        lambda: patients.register_patient({**secret_patient(), "gender": SECRET_NAME}),
+        lambda: patients.register_patient(
+            {**secret_patient(), "birthDate": "x" + SECRET_BIRTH}
+        ),
+        lambda: patients.register_patient({**secret_patient(), SECRET_NAME: 1}),
+        lambda: patients.find_patient_by_identifier("urn:test:mrn", SECRET_MRN + "x"),
+        lambda: patients.search_patients(
+            {"family": SECRET_NAME, "bogus": SECRET_GIVEN}
+        ),
+        lambda: patients.update_patient(stored["id"], secret_patient(), 7),
+        lambda: patients.search_patients({"birthdate": "xx" + SECRET_BIRTH}),
+    ]
+    for call in calls:
+        with pytest.raises(PatientServiceError):
+            call()
+
+    patients.find_patient_by_identifier("urn:test:mrn", SECRET_MRN)
+    patients.search_patients({"family": SECRET_NAME[:5], "phone": SECRET_PHONE})
+    patients.search_patients({"email": SECRET_EMAIL, "birthdate": SECRET_BIRTH})
+    updated = patients.update_patient(stored["id"], {**stored, "gender": "other"}, 1)
+    patients.deactivate_patient(updated["id"])
+    patients.register_patients(
+        [{"resource": example()}, {"resource": secret_patient()}]
+    )
+
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert stored["id"] in logged, "the log names the patient by id"
+    for secret in SECRETS:
+        assert secret not in logged
+    assert "Chalmers" not in logged

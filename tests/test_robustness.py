@@ -1,0 +1,136 @@
+"""No input, however malformed, gets anything but a typed error back."""
+
+import contextlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nameko.exceptions import IncorrectSignature, MethodNotFound
+
+from patient.errors import (
+    InvalidPatient,
+    InvalidRequest,
+    InvalidSearch,
+    PatientNotFound,
+    PatientServiceError,
+)
+from tests.factories import patient
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+MALFORMED = [
+    None,
+    "",
+    "'; DROP TABLE patients; --",
+    42,
+    [],
+    [patient()],
+    {"resourceType": "Patient", "name": [{"family": "x' OR 1=1 --"}]},
+    {"resourceType": "Patient", "id": "../../etc/passwd"},
+    {"resourceType": "Patient", "birthDate": None},
+    {"resourceType": "Patient", "identifier": "12345"},
+    {"resourceType": "Patient", "extension": [{"url": 5}]},
+    {"resourceType": "Patient", "name": [{"family": "x" * 100_000}]},
+    {"resourceType": "Patient", "text": {"status": "generated", "div": "<p>x</p>"}},
+]
+
+
+@pytest.mark.parametrize("value", MALFORMED)
+def test_malformed_registrations_get_typed_errors(patients, value):
+    with contextlib.suppress(PatientServiceError):
+        patients.register_patient(value)
+
+
+@pytest.mark.parametrize("value", MALFORMED + [{"x": 1}])
+def test_malformed_arguments_to_reads_get_typed_errors(patients, value):
+    with pytest.raises((PatientNotFound, InvalidRequest, InvalidSearch)):
+        patients.get_patient(value)
+    with pytest.raises((PatientNotFound, InvalidRequest)):
+        patients.find_patient_by_identifier(value, value)
+    with pytest.raises(InvalidSearch):
+        patients.search_patients(value if value != {} else {"x": 1}, count=value)
+
+
+def test_malformed_updates_get_typed_errors(patients):
+    stored = patients.register_patient(patient())
+    for value in MALFORMED:
+        with pytest.raises((InvalidPatient, InvalidRequest)):
+            patients.update_patient(stored["id"], value, "abc")
+        with contextlib.suppress(PatientServiceError):
+            patients.update_patient(stored["id"], value, 1)
+
+
+def test_wrong_argument_names_are_refused_by_signature(patients):
+    with pytest.raises(IncorrectSignature):
+        patients.register_patient(resource=patient())
+
+
+def test_unknown_method_is_refused(patients):
+    with pytest.raises(MethodNotFound):
+        patients.drop_all_patients()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    resource=st.fixed_dictionaries(
+        {"resourceType": st.just("Patient")},
+        optional={
+            "name": json_values,
+            "birthDate": json_values,
+            "identifier": json_values,
+            "telecom": json_values,
+            "gender": json_values,
+            "extension": json_values,
+        },
+    )
+)
+def test_arbitrary_json_registers_or_gets_a_typed_error(patients, resource):
+    try:
+        stored = patients.register_patient(resource)
+    except PatientServiceError:
+        return
+    assert patients.get_patient(stored["id"]) == stored
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    criteria=st.dictionaries(
+        st.sampled_from(
+            [
+                "name",
+                "family",
+                "given",
+                "birthdate",
+                "identifier",
+                "phone",
+                "email",
+                "gender",
+                "active",
+                "other",
+            ]
+        ),
+        json_values,
+        max_size=3,
+    )
+)
+def test_arbitrary_search_criteria_answer_or_get_invalid_search(patients, criteria):
+    try:
+        page = patients.search_patients(criteria)
+    except InvalidSearch:
+        return
+    assert page["next_cursor"] is None or isinstance(page["next_cursor"], str)
