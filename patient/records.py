@@ -424,3 +424,17 @@ def _duplicate(session, stored, ignore=None):
         return DuplicatePatient("unknown")
     log.info("refused a duplicate of patient %s", holder.patient_id)
     return DuplicatePatient(str(holder.patient_id), holder.system)
+
+
+def purge_delivery_records(session, older_than):
+    """Forget the answers kept for redelivered messages once no broker would
+    redeliver them. Callers' own idempotency keys are kept: an import re-run
+    months later must still create nothing new."""
+    deleted = session.execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.scope.like("delivery:%"),
+            IdempotencyRecord.created_at < older_than,
+        )
+    ).rowcount
+    session.commit()
+    return deleted

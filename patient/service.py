@@ -1,12 +1,20 @@
 """The ``patient_service`` Nameko service: a thin adapter from RPC calls to
 the plain modules that hold the rules."""
 
+import logging
+from datetime import UTC, datetime, timedelta
+
 from nameko.dependency_providers import Config
+from nameko.timer import timer
 
 from patient import health, records, search
 from patient.db import PatientDatabase
 from patient.dependencies import CallerProvider, rpc
 from patient.models import Base
+
+log = logging.getLogger(__name__)
+
+PURGE_INTERVAL_S = 3600
 
 
 class PatientService:
@@ -75,3 +83,14 @@ class PatientService:
             "broker": health.broker_status(self.config["AMQP_URI"]),
         }
         return {"status": health.overall(checks), **checks}
+
+    @timer(interval=PURGE_INTERVAL_S)
+    def purge_delivery_records(self):
+        hours = float(self.config.get("DELIVERY_RECORD_RETENTION_H", 24))
+        cutoff = datetime.now(UTC) - timedelta(hours=hours)
+        try:
+            deleted = records.purge_delivery_records(self.db.session, cutoff)
+        except Exception as exc:  # the next tick tries again
+            log.warning("purge of delivery records failed: %s", type(exc).__name__)
+            return
+        log.info("purged %s delivery records", deleted)

@@ -2,12 +2,14 @@
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from kombu import Connection, Exchange, Queue
 from sqlalchemy import func, select
 
-from patient.models import AuditEvent, Patient
+from patient.models import AuditEvent, IdempotencyRecord, Patient
+from patient.records import purge_delivery_records
 from tests.factories import patient
 
 
@@ -83,3 +85,15 @@ def test_separate_calls_without_a_key_are_separate_patients(patients, db):
     patients.register_patient(resource)
 
     assert db.execute(select(func.count()).select_from(Patient)).scalar_one() == 2
+
+
+def test_old_delivery_records_are_purged_and_callers_keys_kept(patients, db):
+    patients.register_patient(patient())
+    patients.register_patient(patient(), idempotency_key="kept")
+
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert purge_delivery_records(db, later) == 1
+
+    db.rollback()
+    left = db.execute(select(IdempotencyRecord.scope)).scalars().all()
+    assert left == ["register"]
