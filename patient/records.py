@@ -332,7 +332,9 @@ def _hash(value):
 
 def _with_server_fields(resource, patient_id, version, now):
     stored = copy.deepcopy(resource)
-    meta = stored.get("meta") if isinstance(stored.get("meta"), dict) else {}
+    meta = stored.get("meta", {})
+    if not isinstance(meta, dict):
+        raise InvalidPatient({"meta": ["must be an object"]})
     stored["id"] = str(patient_id)
     stored["meta"] = {
         **meta,

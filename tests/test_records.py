@@ -47,6 +47,12 @@ def test_register_keeps_callers_meta_but_sets_version_and_time(patients):
     assert stored["meta"]["profile"] == ["http://example.org/p"]
 
 
+def test_meta_that_is_not_an_object_is_refused(patients):
+    with pytest.raises(InvalidPatient) as raised:
+        patients.register_patient(patient(meta="v1"))
+    assert "meta" in raised.value.errors
+
+
 def test_register_accepts_partial_birth_dates(patients):
     for birth_date in ("1974", "1974-12"):
         assert patients.register_patient(patient(birthDate=birth_date))[
