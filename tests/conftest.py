@@ -25,7 +25,9 @@ from patient.db import make_engine  # noqa: E402
 from patient.service import PatientService  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The team's real patient files sit beside the repository (CI lays a copy
+# there too); PATIENT_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("PATIENT_DATA", ROOT.parent / "shared" / "data"))
 RUN_ID = uuid.uuid4().hex[:8]
 
 ADMIN_DB_URI = os.environ.get(

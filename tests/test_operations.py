@@ -97,3 +97,7 @@ def test_unexpected_errors_reach_the_caller_as_internal_error_with_a_reference(
     assert reference in logged
     assert "RuntimeError" in logged
     assert "Jane" not in logged and "1931" not in logged
+
+
+def test_ping_touches_nothing_and_answers(patients):
+    assert patients.ping() == "pong"
