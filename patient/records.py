@@ -114,18 +114,23 @@ def _register_entry(session, entry, position, caller, region):
 
 
 def _register(session, resource, caller, idempotency_key, position, region):
+    scope, key = _key_for("register", idempotency_key, caller, position)
+    request_hash = _hash(resource)
+    # A repeat costs one read: its answer is there, validated the first time.
+    if key is not None and (seen := _answered(session, scope, key, request_hash)):
+        return REPLAYED, seen
+
     patient_id = uuid.uuid4()
     now = datetime.now(UTC)
     stored = _with_server_fields(resource, patient_id, 1, now)
     validate_patient(stored)
-    scope, key = _key_for("register", idempotency_key, caller, position)
 
     # One savepoint holds the key's claim and the writes: a duplicate undoes
     # both, so a refused entry of a batch leaves its key free.
     try:
         with session.begin_nested():
             if key is not None:
-                replay = _claim_key(session, scope, key, _hash(resource))
+                replay = _claim_key(session, scope, key, request_hash)
                 if replay is not None:
                     return REPLAYED, replay
             session.execute(
@@ -307,11 +312,18 @@ def _claim_key(session, scope, key, request_hash):
     if claimed is not None:
         return None
 
+    return _answered(session, scope, key, request_hash)
+
+
+def _answered(session, scope, key, request_hash):
+    """The answer kept under the key, or None if the key is new."""
     record = session.execute(
         select(IdempotencyRecord).where(
             IdempotencyRecord.scope == scope, IdempotencyRecord.key == key
         )
-    ).scalar_one()
+    ).scalar_one_or_none()
+    if record is None:
+        return None
     if record.request_hash != request_hash:
         raise IdempotencyKeyReused()
     return record.response
@@ -419,7 +431,9 @@ def _duplicate(session, stored, ignore=None):
     )
     if ignore is not None:
         query = query.where(PatientIdentifier.patient_id != ignore)
-    holder = session.execute(query.limit(1)).first() if enforced else None
+    # The longest-held identifier names the patient, whatever the plan.
+    query = query.order_by(PatientIdentifier.id).limit(1)
+    holder = session.execute(query).first() if enforced else None
     if holder is None:
         # The constraint fired for a holder that has since changed its
         # identifiers; the caller may simply retry.
