@@ -24,10 +24,14 @@ class PatientServiceError(Exception):
 
 @deserialize_to_instance
 class PatientNotFound(PatientServiceError):
+    """No patient with that id, or with that identifier (``patient_id`` is
+    then empty)."""
+
     code = "patient-not-found"
 
-    def __init__(self, patient_id):
-        super().__init__(f"no patient with id {patient_id}")
+    def __init__(self, patient_id=""):
+        what = f"id {patient_id}" if patient_id else "that id or identifier"
+        super().__init__(f"no patient with {what}")
         self.args = (patient_id,)
         self.patient_id = patient_id
 

@@ -163,7 +163,7 @@ def find_patient_by_identifier(session, system, value):
         .limit(1)
     ).scalar_one_or_none()
     if resource is None:
-        raise PatientNotFound("with that identifier")
+        raise PatientNotFound()
     return resource
 
 
@@ -236,7 +236,7 @@ def _find(session, patient_id, lock=False):
         query = query.with_for_update()
     row = session.execute(query).scalar_one_or_none() if key else None
     if row is None:
-        raise PatientNotFound(str(key) if key else "given")
+        raise PatientNotFound(str(key) if key else "")
     return row
 
 

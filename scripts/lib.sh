@@ -89,7 +89,7 @@ install_venv() {
     .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
         die ".venv is not Python 3.11; remove it and run this again"
 
-    wanted=$(sha256sum requirements*.txt)
+    wanted=$(sha256sum requirements*.txt pyproject.toml)
     installed "$stamp" "$wanted" && return 0
     # The development set includes the runtime set.
     [[ $requirements == requirements.txt ]] &&
@@ -99,10 +99,16 @@ install_venv() {
     say "installing $requirements into .venv"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check \
         --no-input -r "$requirements" || die "pip could not install $requirements"
+    # The project itself, editable: `import patient` and `patient-import`
+    # work from any folder, in nameko shell too.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+        --no-input --no-deps --no-build-isolation --editable . ||
+        die "pip could not install the project into .venv"
     printf '%s\n' "$wanted" >"$stamp"
 }
 
-# installed STAMP HASH: STAMP holds HASH, that of the requirements files.
+# installed STAMP HASH: STAMP holds HASH, that of the requirements files
+# and pyproject.toml.
 installed() {
     [[ -f $1 && "$(<"$1")" == "$2" ]]
 }
