@@ -6,9 +6,11 @@ import logging
 import traceback
 import uuid
 
+from nameko.constants import CALL_ID_STACK_CONTEXT_KEY
 from nameko.exceptions import IncorrectSignature
 from nameko.extensions import DependencyProvider
-from nameko.rpc import Rpc
+from nameko.messaging import QueueConsumer
+from nameko.rpc import Rpc, RpcConsumer
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -25,6 +27,40 @@ log = logging.getLogger(__name__)
 DELIVERY_KEY = "patient_service.delivery_id"
 
 
+MAX_CALL_STACK = 20
+
+
+class GuardedQueueConsumer(QueueConsumer):
+    """Nameko's queue consumer, without kombu's logging of bodies."""
+
+    def on_decode_error(self, message, exc):
+        # kombu would log the raw body, patient data and all, and ack it.
+        log.warning(
+            "dropped a message that could not be decoded (%s, %s bytes)",
+            type(exc).__name__,
+            len(message.body or b""),
+        )
+        message.ack()
+
+
+class GuardedRpcConsumer(RpcConsumer):
+    """Drops requests that no one could be answered for.
+
+    Nameko answers to ``reply_to``; a request without one made the answer
+    fail with a KeyError that killed the service, and the unacknowledged
+    request killed it again on every restart.
+    """
+
+    queue_consumer = GuardedQueueConsumer()
+
+    def handle_message(self, body, message):
+        if not message.properties.get("reply_to"):
+            log.warning("dropped an RPC request without reply_to")
+            self.queue_consumer.ack_message(message)
+            return
+        super().handle_message(body, message)
+
+
 class PatientRpc(Rpc):
     """Nameko's RPC entrypoint, keeping the message's correlation id.
 
@@ -32,6 +68,8 @@ class PatientRpc(Rpc):
     made without an idempotency key use it to answer the redelivery from the
     first delivery instead of writing twice.
     """
+
+    rpc_consumer = GuardedRpcConsumer()
 
     def check_signature(self, args, kwargs):
         # The method is wrapped by ``rpc`` below; check the arguments against
@@ -44,10 +82,35 @@ class PatientRpc(Rpc):
 
     def unpack_message_headers(self, message):
         data = super().unpack_message_headers(message)
+        # Nameko joins the call stack into a log line outside any error
+        # handling: a stack that is not a list of strings killed the service.
+        stack = data.get(CALL_ID_STACK_CONTEXT_KEY)
+        if stack is not None and not _is_call_stack(stack):
+            del data[CALL_ID_STACK_CONTEXT_KEY]
         # Nameko copies every context key into the headers of onward calls;
         # CallerProvider takes this one out before the worker runs.
-        data[DELIVERY_KEY] = message.properties.get("correlation_id")
+        data[DELIVERY_KEY] = _delivery_id(message.properties)
         return data
+
+
+def _delivery_id(properties):
+    """The same for a redelivered message, and tied to the caller's own reply
+    queue: another client reusing a correlation id gets no one else's answer."""
+    correlation_id, reply_to = (
+        properties.get("correlation_id"),
+        properties.get("reply_to"),
+    )
+    if not isinstance(correlation_id, str) or not correlation_id:
+        return None
+    return f"{reply_to}/{correlation_id}"[:500]
+
+
+def _is_call_stack(stack):
+    return (
+        isinstance(stack, list)
+        and len(stack) <= MAX_CALL_STACK
+        and all(isinstance(call_id, str) for call_id in stack)
+    )
 
 
 def rpc(method=None, *, sensitive_arguments=()):

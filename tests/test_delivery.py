@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from kombu import Connection, Exchange, Queue
+from nameko.standalone.rpc import ClusterRpcProxy
 from sqlalchemy import func, select
 
 from patient.models import AuditEvent, IdempotencyRecord, Patient
@@ -97,3 +98,51 @@ def test_old_delivery_records_are_purged_and_callers_keys_kept(patients, db):
     db.rollback()
     left = db.execute(select(IdempotencyRecord.scope)).scalars().all()
     assert left == ["register"]
+
+
+def publish_raw(amqp_uri, body, method="register_patient", **properties):
+    exchange = Exchange("nameko-rpc", type="topic", durable=True)
+    with Connection(amqp_uri) as conn:
+        conn.Producer(exchange=exchange).publish(
+            body, routing_key=f"patient_service.{method}", **properties
+        )
+
+
+def test_a_request_without_reply_to_is_dropped_and_the_service_goes_on(
+    config, patients, db
+):
+    body = json.dumps({"args": [patient()], "kwargs": {}})
+    publish_raw(config["AMQP_URI"], body, content_type="application/json")
+    publish_raw(
+        config["AMQP_URI"],
+        body,
+        method="no_such_method",
+        content_type="application/json",
+    )
+
+    assert patients.ping() == "pong"
+    assert patients.ping() == "pong"
+
+
+def test_a_malformed_call_stack_in_the_context_is_ignored(config, service):
+    for stack in ([1], "x", [None], ["a"] * 1000, {"a": 1}):
+        with ClusterRpcProxy(
+            config, timeout=10, context_data={"call_id_stack": stack}
+        ) as proxy:
+            assert proxy.patient_service.ping() == "pong"
+
+
+def test_an_undecodable_body_is_dropped_without_logging_it(config, patients, caplog):
+    body = json.dumps(
+        {"args": [patient(name=[{"family": "Undecodable"}])], "kwargs": {}}
+    )
+    publish_raw(
+        config["AMQP_URI"],
+        body + "}}garbage",
+        content_type="application/json",
+        reply_to="nobody",
+        correlation_id="c-1",
+    )
+
+    assert patients.ping() == "pong"
+    assert "Undecodable" not in caplog.text
