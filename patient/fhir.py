@@ -8,13 +8,13 @@ oversized or deeply nested input costs no parsing.
 """
 
 import json
-import re
 from decimal import Decimal
 
 from fhir.resources.R4B.patient import Patient as PatientModel
 from pydantic import BaseModel, ValidationError
 
 from patient.errors import InvalidPatient
+from patient.text import UNSAFE_MESSAGE, is_unsafe
 
 MAX_RESOURCE_BYTES = 256 * 1024
 MAX_DEPTH = 16
@@ -23,9 +23,8 @@ MAX_STRING_CHARS = 8 * 1024
 # Attachments carry base64 content; they are bounded by the resource limit.
 LONG_STRING_KEYS = frozenset({"data"})
 
-# FHIR strings may hold tab, CR and LF but no other control character;
-# PostgreSQL's jsonb refuses NUL outright.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# The unique index on (system, value) takes entries up to about 2,700 bytes.
+MAX_IDENTIFIER_PART_BYTES = 1000
 
 
 def validate_patient(resource):
@@ -41,12 +40,14 @@ def validate_patient(resource):
         model = PatientModel.model_validate(resource)
     except ValidationError as exc:
         raise InvalidPatient(_field_errors(exc)) from None
-    except (ValueError, TypeError):
-        # A validator of the model failed in a way pydantic did not wrap.
+    except (ValueError, TypeError, LookupError, AttributeError):
+        # A validator of the model failed in a way pydantic did not wrap (an
+        # unknown resourceType in ``contained`` raises KeyError).
         raise InvalidPatient({"resource": ["is not a valid Patient"]}) from None
 
     errors = {}
     _check_elements(model, resource, "", errors)
+    _check_identifier_sizes(resource, errors)
     if errors:
         raise InvalidPatient(errors)
 
@@ -64,9 +65,12 @@ def check_limits(resource):
                 {path or "resource": [f"nested deeper than {MAX_DEPTH}"]}
             )
 
+        if isinstance(node, (dict, list)) and not node and path:
+            # FHIR JSON has no empty objects or arrays (ele-1).
+            errors.setdefault(path, []).append("must not be empty")
         if isinstance(node, dict):
             for key, value in node.items():
-                if not isinstance(key, str) or _CONTROL.search(key):
+                if not isinstance(key, str) or is_unsafe(key):
                     raise InvalidPatient({path or "resource": ["has an invalid key"]})
                 child = f"{path}.{key}" if path else key
                 stack.append((value, child, depth + 1))
@@ -94,13 +98,25 @@ def check_limits(resource):
         )
 
 
+def _check_identifier_sizes(resource, errors):
+    for index, identifier in enumerate(resource.get("identifier", ())):
+        for part in ("system", "value"):
+            text = identifier.get(part)
+            if text and len(text.encode()) > MAX_IDENTIFIER_PART_BYTES:
+                errors.setdefault(f"identifier[{index}].{part}", []).append(
+                    f"is longer than {MAX_IDENTIFIER_PART_BYTES} bytes"
+                )
+
+
 def _check_string(value, path, key, errors):
     if len(value) > MAX_STRING_CHARS and key not in LONG_STRING_KEYS:
         errors.setdefault(path, []).append(
             f"is longer than {MAX_STRING_CHARS} characters"
         )
-    elif _CONTROL.search(value):
-        errors.setdefault(path, []).append("contains a control character")
+    elif is_unsafe(value):
+        errors.setdefault(path, []).append(UNSAFE_MESSAGE)
+    elif not value:
+        errors.setdefault(path, []).append("must not be empty")
 
 
 def _field_errors(exc):

@@ -23,7 +23,7 @@ _KEPT_MARKS = {"\u3099", "\u309a"}
 _LATIN_LETTERS = str.maketrans(
     {"ł": "l", "ø": "o", "đ": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"}
 )
-_WORD_BREAK = re.compile(r"[\s\-‐‑‒–—]+")
+_WORD_BREAK = re.compile(r"[\s\-‐‑‒–—―−]+")
 _PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
 # Chinese, Japanese and Korean names are often written without spaces
 # ("张无忌"): every tail of such a word is a token, so a given name is
@@ -80,8 +80,9 @@ def fold(text):
 
 
 def fold_query(text):
-    """A search string folded as names are, with spacing made single."""
-    return " ".join(fold(text).split())
+    """A search string folded as names are: dashes of every kind are spaces,
+    and spacing is single."""
+    return " ".join(_WORD_BREAK.sub(" ", fold(text)).split())
 
 
 def name_tokens(resource):
@@ -98,21 +99,20 @@ def name_tokens(resource):
 
 
 def _tokens(value):
-    """The whole folded value, each word of it, and each without punctuation:
-    "van de Heuvel" is found by "van de h" and by "heu"; "O'Brien" by "o'b"
-    and by "obr"."""
+    """The whole folded value, each word of it, and each without punctuation
+    or spaces: "van de Heuvel" is found by "van de h", "heu" and "vandeh";
+    "O'Brien" by "o'b" and "obr"; "Smith‐Jones" by "smith-jones"."""
     whole = fold_query(value)
     if not whole:
         return []
-    words = [w for w in _WORD_BREAK.split(whole) if w]
-    found = dict.fromkeys([whole, *words])
-    for word in list(found):
-        bare = _PUNCTUATION.sub("", word)
+    found = dict.fromkeys([whole, *whole.split(" ")])
+    for token in list(found):
+        bare = _PUNCTUATION.sub("", token).replace(" ", "")
         if bare:
             found.setdefault(bare)
-        if _CJK.search(word) and len(word) <= MAX_CJK_TAILS:
-            for start in range(1, len(word)):
-                found.setdefault(word[start:])
+        if _CJK.search(token) and len(token) <= MAX_CJK_TAILS:
+            for start in range(1, len(token)):
+                found.setdefault(token[start:])
     return [token[:MAX_TOKEN_CHARS] for token in found]
 
 
@@ -134,22 +134,54 @@ def email_key(value):
     return value.strip().casefold()[:MAX_TOKEN_CHARS]
 
 
-def phone_keys(value, default_region=None):
-    """Keys under which a phone number is stored and searched.
+def phone_keys(value, region=None):
+    """Keys under which a stored phone number is found.
 
-    A number written "(03) 5555 6473" and one written "+61 3 5555 6473"
-    share the national significant number 355556473. Without a country code
-    or a region that can parse the number, the digits less their trunk
-    zeros stand in for it.
+    A number with its country code ("+61 3 5555 6473") is keyed by its
+    E.164 form; so is one without, if it is a valid number of the service's
+    region. Any other number could be of any country: it is keyed by its
+    digits less trunk zeros ("(03) 5555 6473" as 355556473), which a search
+    with a country code also looks for.
     """
+    number = _parse(value, None) or _parse(value, region, valid=True)
+    if number is not None:
+        return [_e164(number)]
+    national = _national_digits(value)
+    return [national] if national else []
+
+
+def phone_search_keys(value, region=None):
+    """Keys that find a searched number however the stored one was written;
+    a number with a country code never finds one of another country."""
+    keys = {}
+    number = _parse(value, None)
+    if number is not None:
+        keys[_e164(number)] = None
+        keys["n" + phonenumbers.national_significant_number(number)] = None
+        return list(keys)
+    national = _national_digits(value)
+    if national:
+        keys[national] = None
+    number = _parse(value, region)
+    if number is not None:
+        keys[_e164(number)] = None
+    return list(keys)
+
+
+def _parse(value, region, valid=False):
+    try:
+        number = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if valid:
+        return number if phonenumbers.is_valid_number(number) else None
+    return number if phonenumbers.is_possible_number(number) else None
+
+
+def _e164(number):
+    return "e" + phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _national_digits(value):
     digits = re.sub(r"\D", "", value)
-    if not digits:
-        return []
-    keys = {digits.lstrip("0") or digits: None}
-    for region in (None, default_region):
-        try:
-            number = phonenumbers.parse(value, region)
-        except phonenumbers.NumberParseException:
-            continue
-        keys.setdefault(phonenumbers.national_significant_number(number), None)
-    return [key[:32] for key in keys]
+    return "n" + (digits.lstrip("0") or digits)[:30] if digits else None

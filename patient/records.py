@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import logging
+import re
 import uuid
 from datetime import UTC, datetime
 
@@ -34,10 +35,12 @@ from patient.models import (
     PatientNameToken,
     PatientTelecom,
 )
+from patient.text import UNSAFE_MESSAGE, is_unsafe
 
 log = logging.getLogger(__name__)
 
 MAX_KEY_CHARS = 255
+_VERSION = re.compile(r"[0-9]{1,9}")
 MAX_BATCH = 500
 
 CREATED = "created"
@@ -154,8 +157,11 @@ def get_patient(session, patient_id):
 
 
 def find_patient_by_identifier(session, system, value):
-    if not isinstance(system, str) or not isinstance(value, str):
-        raise InvalidRequest({"identifier": ["system and value must be strings"]})
+    for name, text in (("system", system), ("value", value)):
+        if not isinstance(text, str) or not text or len(text) > 4096:
+            raise InvalidRequest({name: ["must be a string of 1 to 4096 characters"]})
+        if is_unsafe(text):
+            raise InvalidRequest({name: [UNSAFE_MESSAGE]})
     resource = session.execute(
         select(Patient.resource)
         .join(PatientIdentifier, PatientIdentifier.patient_id == Patient.id)
@@ -173,7 +179,7 @@ def update_patient(
     """Replace the resource if it is still at ``expected_version``."""
     expected = _version(expected_version, required=True)
     check_limits(resource)
-    if "id" in resource and resource["id"] != str(patient_id):
+    if "id" in resource and not _same_id(resource["id"], patient_id):
         raise InvalidPatient({"id": ["must be the id of the patient updated"]})
 
     scope, key = _key_for("update", None, caller, None)
@@ -251,12 +257,19 @@ def _patient_uuid(patient_id):
         return None
 
 
+def _same_id(one, other):
+    try:
+        return uuid.UUID(str(one)[:64]) == uuid.UUID(str(other)[:64])
+    except ValueError:
+        return False
+
+
 def _version(value, required):
     if value is None and not required:
         return None
     if isinstance(value, bool):
         value = None
-    elif isinstance(value, str) and value.isdigit() and len(value) < 10:
+    elif isinstance(value, str) and _VERSION.fullmatch(value):
         value = int(value)
     if not isinstance(value, int) or value < 1:
         raise InvalidRequest(
@@ -268,17 +281,12 @@ def _version(value, required):
 def _check_key(idempotency_key):
     if idempotency_key is None:
         return
-    if (
-        not isinstance(idempotency_key, str)
-        or not 1 <= len(idempotency_key) <= MAX_KEY_CHARS
-    ):
-        raise InvalidRequest(
-            {
-                "idempotency_key": [
-                    f"must be a string of 1 to {MAX_KEY_CHARS} characters"
-                ]
-            }
-        )
+    is_text = isinstance(idempotency_key, str)
+    if not is_text or not 0 < len(idempotency_key) <= MAX_KEY_CHARS:
+        message = f"must be a string of 1 to {MAX_KEY_CHARS} characters"
+        raise InvalidRequest({"idempotency_key": [message]})
+    if is_unsafe(idempotency_key):
+        raise InvalidRequest({"idempotency_key": [UNSAFE_MESSAGE]})
 
 
 def _key_for(action, idempotency_key, caller, position):

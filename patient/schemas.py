@@ -3,8 +3,20 @@
 
 from marshmallow import Schema, ValidationError, fields, validate
 
+from patient.text import UNSAFE_MESSAGE, is_unsafe
+
 GENDERS = ("male", "female", "other", "unknown")
 DATE_PREFIXES = ("eq", "ge", "gt", "le", "lt")
+
+
+class Text(fields.String):
+    """A string the database can store and compare."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if is_unsafe(text):
+            raise ValidationError(UNSAFE_MESSAGE)
+        return text
 
 
 class StringOrList(fields.Field):
@@ -35,6 +47,10 @@ class IdentifierField(fields.Field):
             for part in (system, token):
                 if part is not None and not isinstance(part, str):
                     raise ValidationError("system and value must be strings")
+                if part is not None and len(part) > 4096:
+                    raise ValidationError("must be at most 4096 characters")
+                if part is not None and is_unsafe(part):
+                    raise ValidationError(UNSAFE_MESSAGE)
             if token is None and system is None:
                 raise ValidationError("give system and/or value")
             return {
@@ -44,6 +60,8 @@ class IdentifierField(fields.Field):
             }
         if not isinstance(value, str) or not value or len(value) > 500:
             raise ValidationError("must be a string of 1 to 500 characters")
+        if is_unsafe(value):
+            raise ValidationError(UNSAFE_MESSAGE)
         return parse_token(value)
 
 
@@ -76,18 +94,18 @@ def parse_token(text):
     }
 
 
-_name = fields.String(validate=validate.Length(min=1, max=100))
+_name = Text(validate=validate.Length(min=1, max=100))
 
 
 class SearchCriteria(Schema):
     name = StringOrList(_name)
     family = StringOrList(_name)
     given = StringOrList(_name)
-    birthdate = StringOrList(fields.String(validate=validate.Length(min=4, max=12)))
+    birthdate = StringOrList(Text(validate=validate.Length(min=4, max=12)))
     identifier = IdentifierField()
-    phone = fields.String(validate=validate.Length(min=1, max=40))
-    email = fields.String(validate=validate.Length(min=3, max=254))
-    gender = fields.String(validate=validate.OneOf(GENDERS))
+    phone = Text(validate=validate.Length(min=1, max=40))
+    email = Text(validate=validate.Length(min=3, max=254))
+    gender = Text(validate=validate.OneOf(GENDERS))
     active = fields.Boolean()
 
 
@@ -96,6 +114,4 @@ class SearchRequest(Schema):
     count = fields.Integer(
         strict=True, load_default=20, validate=validate.Range(min=1, max=100)
     )
-    cursor = fields.String(
-        load_default=None, allow_none=True, validate=validate.Length(max=200)
-    )
+    cursor = Text(load_default=None, allow_none=True, validate=validate.Length(max=200))

@@ -15,7 +15,7 @@ from marshmallow import ValidationError
 from sqlalchemy import and_, exists, or_, select
 
 from patient.errors import InvalidSearch
-from patient.index import email_key, fold_query, phone_keys
+from patient.index import email_key, fold_query, phone_search_keys
 from patient.models import Patient, PatientIdentifier, PatientNameToken, PatientTelecom
 from patient.partialdate import date_range
 from patient.schemas import DATE_PREFIXES, SearchCriteria, SearchRequest
@@ -86,8 +86,8 @@ def _conditions(parsed, region):
         yield _identifier_condition(parsed["identifier"])
 
     if "phone" in parsed:
-        keys = phone_keys(parsed["phone"], region)
-        if not keys or max(len(k) for k in keys) < 4:
+        keys = phone_search_keys(parsed["phone"], region)
+        if not keys or max(len(k) for k in keys) < 5:
             raise InvalidSearch({"phone": ["must have at least 4 digits"]})
         yield _telecom_condition("phone", keys)
 

@@ -81,7 +81,8 @@ def test_a_redelivered_batch_creates_each_patient_once(config, service, db, meth
 
 
 def test_separate_calls_without_a_key_are_separate_patients(patients, db):
-    resource = patient(identifier=[])
+    resource = patient()
+    del resource["identifier"]
     patients.register_patient(resource)
     patients.register_patient(resource)
 

@@ -195,6 +195,14 @@ def test_update_cannot_take_another_patients_identifier(patients):
     assert patients.get_patient(second["id"]) == second
 
 
+def test_update_accepts_the_id_in_any_case(patients):
+    stored = patients.register_patient(patient())
+
+    updated = patients.update_patient(stored["id"].upper(), stored, 1)
+
+    assert updated["id"] == stored["id"]
+
+
 def test_update_with_another_id_in_the_body_is_refused(patients):
     stored = patients.register_patient(patient())
 

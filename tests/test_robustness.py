@@ -134,3 +134,42 @@ def test_arbitrary_search_criteria_answer_or_get_invalid_search(patients, criter
     except InvalidSearch:
         return
     assert page["next_cursor"] is None or isinstance(page["next_cursor"], str)
+
+
+@pytest.mark.parametrize("text", ["\x00", "a\ud800b", "\x1b[31m"])
+def test_unstorable_strings_anywhere_get_typed_errors(patients, text):
+    with pytest.raises(InvalidPatient):
+        patients.register_patient(patient(name=[{"family": text}]))
+    with pytest.raises(InvalidRequest):
+        patients.register_patient(patient(), idempotency_key=text)
+    with pytest.raises(InvalidRequest):
+        patients.find_patient_by_identifier("urn:test:mrn", text)
+    with pytest.raises(InvalidRequest):
+        patients.find_patient_by_identifier(text, "x")
+    for criterion in ("name", "family", "email", "phone", "birthdate", "identifier"):
+        with pytest.raises(InvalidSearch):
+            patients.search_patients({criterion: text})
+    with pytest.raises(InvalidSearch):
+        patients.search_patients({"identifier": {"system": "urn:x", "value": text}})
+
+
+def test_a_bad_entry_in_a_batch_fails_alone(patients):
+    results = patients.register_patients(
+        [
+            {"resource": patient(), "idempotency_key": "bad\x00key"},
+            {"resource": patient(name=[{"family": "a\ud800"}])},
+            {"resource": patient()},
+        ]
+    )
+
+    assert [r["status"] for r in results] == ["invalid", "invalid", "created"]
+
+
+@pytest.mark.parametrize("version", ["²", "١", "1e3", " 1", "9999999999"])
+def test_versions_must_be_plain_digits(patients, version):
+    stored = patients.register_patient(patient())
+
+    with pytest.raises(InvalidRequest):
+        patients.update_patient(stored["id"], stored, version)
+    with pytest.raises(InvalidRequest):
+        patients.deactivate_patient(stored["id"], version)

@@ -21,6 +21,7 @@ def people(patients):
         "chinese": patient(name=[{"text": "张无忌"}]),
         "nameless": patient(name=[]),
         "lukasz": patient(name=[{"family": "Łukasiewicz", "given": ["Jan"]}]),
+        "dashed": patient(name=[{"family": "Smith\u2010Jones", "given": ["Jean-Luc"]}]),
     }
     made["nameless"].pop("name")
     return {key: patients.register_patient(r)["id"] for key, r in made.items()}
@@ -47,6 +48,12 @@ def people(patients):
         ({"name": "张"}, {"chinese"}),
         ({"name": "无忌"}, {"chinese"}),
         ({"family": "lukas"}, {"lukasz"}),
+        ({"family": "smith-jones"}, {"dashed"}),
+        ({"family": "smith jones"}, {"dashed"}),
+        ({"family": "smithjo"}, {"dashed"}),
+        ({"family": "jones"}, {"dashed"}),
+        ({"given": "jean luc"}, {"dashed"}),
+        ({"given": "jeanluc"}, {"dashed"}),
         ({"name": "testperson"}, set()),
         ({"given": "heuvel"}, set()),
         ({"name": "%"}, set()),
@@ -138,6 +145,23 @@ def test_phone_stored_in_international_form_is_found_in_national_form(patients):
 
     for written in ("555-555-2003", "5555552003", "1 555 555 2003"):
         assert ids(patients.search_patients({"phone": written})) == {stored["id"]}
+
+
+@pytest.mark.parametrize(
+    ("stored", "searched"),
+    [
+        ("+44 20 7946 0958", "+1 207 946 0958"),
+        ("+49 30 123456", "+33 30 123456"),
+        ("(207) 946-0958", "+44 20 7946 0958"),
+    ],
+)
+def test_a_number_with_a_country_code_never_finds_another_country(
+    patients, stored, searched
+):
+    patients.register_patient(patient(telecom=[{"system": "phone", "value": stored}]))
+
+    assert patients.search_patients({"phone": searched})["patients"] == []
+    assert len(patients.search_patients({"phone": stored})["patients"]) == 1
 
 
 def test_email_is_case_insensitive(patients):

@@ -72,6 +72,15 @@ def test_partial_birth_dates_are_valid(birth_date):
         ),
         ({"gender": None}, "gender"),
         ({"name": [{"text": "Jane\x00"}]}, "name[0].text"),
+        ({"name": [{"text": "Jane\ud800"}]}, "name[0].text"),
+        ({"name": [{"text": ""}]}, "name[0].text"),
+        ({"identifier": [{}]}, "identifier[0]"),
+        ({"identifier": []}, "identifier"),
+        (
+            {"identifier": [{"system": "urn:x", "value": "9" * 1001}]},
+            "identifier[0].value",
+        ),
+        ({"contained": [{"resourceType": "NoSuchType"}]}, "resource"),
     ],
 )
 def test_invalid_elements_are_named_by_path(elements, path):
@@ -85,7 +94,7 @@ def test_messages_do_not_repeat_the_value_given():
 
 def test_other_resource_types_are_refused():
     assert "resourceType" in errors_of({"resourceType": "Observation"})
-    assert "resourceType" in errors_of({"name": []})
+    assert "resourceType" in errors_of({"name": [{"family": "Nobody"}]})
 
 
 @pytest.mark.parametrize("value", [None, [], "Patient", 42, b"{}"])
