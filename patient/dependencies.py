@@ -6,6 +6,7 @@ import logging
 import traceback
 import uuid
 
+import eventlet
 from nameko.constants import CALL_ID_STACK_CONTEXT_KEY
 from nameko.exceptions import IncorrectSignature
 from nameko.extensions import DependencyProvider
@@ -28,6 +29,11 @@ DELIVERY_KEY = "patient_service.delivery_id"
 
 
 MAX_CALL_STACK = 20
+DEFAULT_CALL_DEADLINE_S = 8.0
+SLOW = "the patient database did not answer in time; retry later"
+# Statement or lock timeouts, deadlocks, serialisation failures: the next
+# try may well succeed.
+TRANSIENT_SQLSTATES = frozenset({"57014", "55P03", "40P01", "40001"})
 
 
 class GuardedQueueConsumer(QueueConsumer):
@@ -114,8 +120,9 @@ def _is_call_stack(stack):
 
 
 def rpc(method=None, *, sensitive_arguments=()):
-    """A PatientRpc entrypoint whose unexpected errors reach the caller as
-    ``InternalError`` with a reference, and are logged without the
+    """A PatientRpc entrypoint with a deadline, whose failures reach the
+    caller typed: the database's as ``ServiceUnavailable``, anything
+    unexpected as ``InternalError`` with a reference, logged without the
     exception's text (database errors quote the values they choked on)."""
 
     if method is None:
@@ -123,25 +130,55 @@ def rpc(method=None, *, sensitive_arguments=()):
 
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
+        config = getattr(self, "config", None) or {}
+        deadline = float(config.get("CALL_DEADLINE_S", DEFAULT_CALL_DEADLINE_S))
         try:
-            return method(self, *args, **kwargs)
+            with eventlet.Timeout(deadline, DeadlinePassed()):
+                return method(self, *args, **kwargs)
         except PatientServiceError:
             raise
-        except (OperationalError, PoolTimeout) as exc:
-            log.warning(
-                "database unavailable in %s: %s", method.__name__, type(exc).__name__
-            )
-            raise ServiceUnavailable() from None
+        except DeadlinePassed:
+            # The connection may sit in the middle of a statement to a database
+            # that stopped answering: drop it rather than roll it back.
+            _abandon_database(self)
+            log.warning("%s passed its %ss deadline", method.__name__, deadline)
+            raise ServiceUnavailable(SLOW) from None
+        except PoolTimeout:
+            log.warning("no database connection free for %s", method.__name__)
+            raise ServiceUnavailable(SLOW) from None
         except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise ServiceUnavailable() from None
-            raise _internal(method, exc) from None
+            raise _database_error(method, exc) from None
         except Exception as exc:
             raise _internal(method, exc) from None
 
     return PatientRpc.decorator(
         expected_exceptions=EXPECTED_ERRORS, sensitive_arguments=sensitive_arguments
     )(guarded)
+
+
+class DeadlinePassed(Exception):
+    pass
+
+
+def _abandon_database(service):
+    db = getattr(service, "db", None)
+    if db is not None:
+        db.session.invalidate()
+
+
+def _database_error(method, exc):
+    code = getattr(exc.orig, "pgcode", None)
+    if exc.connection_invalidated or (
+        code is None and isinstance(exc, OperationalError)
+    ):
+        log.warning(
+            "database unreachable in %s: %s", method.__name__, type(exc.orig).__name__
+        )
+        return ServiceUnavailable()
+    if code in TRANSIENT_SQLSTATES:
+        log.warning("database busy in %s: SQLSTATE %s", method.__name__, code)
+        return ServiceUnavailable(SLOW)
+    return _internal(method, exc)
 
 
 def _internal(method, exc):

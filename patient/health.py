@@ -2,18 +2,24 @@
 
 import time
 
+import eventlet
 from kombu import Connection
 from sqlalchemy import text
 
 
-def database_status(session):
+def database_status(session, timeout=2.0):
     started = time.perf_counter()
     try:
-        session.execute(text("SELECT 1"))
+        with eventlet.Timeout(timeout):
+            session.execute(text("SELECT 1"))
+            session.rollback()
+    except eventlet.Timeout:
+        # A database that stopped answering: drop the connection, unread.
+        session.invalidate()
+        return {"status": "down", "error": "Timeout"}
     except Exception as exc:
+        session.invalidate()
         return {"status": "down", "error": type(exc).__name__}
-    finally:
-        session.rollback()
     return {"status": "up", "latency_ms": _ms_since(started)}
 
 

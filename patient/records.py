@@ -13,7 +13,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy import delete, insert, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
@@ -76,6 +76,14 @@ def register_patients(session, entries, caller, region=None):
             {"entries": [f"must be a list of 1 to {MAX_BATCH} entries"]}
         )
 
+    # Lock every identifier and key of the batch up front, in one order:
+    # two batches that share some then wait for each other, never deadlock.
+    resources = [e.get("resource") for e in entries if isinstance(e, dict)]
+    keys = [
+        ("register", e.get("idempotency_key")) for e in entries if isinstance(e, dict)
+    ]
+    _lock(session, _lock_keys(resources, keys))
+
     results = []
     for position, entry in enumerate(entries):
         results.append(_register_entry(session, entry, position, caller, region))
@@ -128,6 +136,8 @@ def _register(session, resource, caller, idempotency_key, position, region):
     stored = _with_server_fields(resource, patient_id, 1, now)
     validate_patient(stored)
 
+    _lock(session, _lock_keys([stored], [(scope, key)]))
+
     # One savepoint holds the key's claim and the writes: a duplicate undoes
     # both, so a refused entry of a batch leaves its key free.
     try:
@@ -157,10 +167,10 @@ def get_patient(session, patient_id):
 
 
 def find_patient_by_identifier(session, system, value):
-    for name, text in (("system", system), ("value", value)):
-        if not isinstance(text, str) or not text or len(text) > 4096:
+    for name, given in (("system", system), ("value", value)):
+        if not isinstance(given, str) or not given or len(given) > 4096:
             raise InvalidRequest({name: ["must be a string of 1 to 4096 characters"]})
-        if is_unsafe(text):
+        if is_unsafe(given):
             raise InvalidRequest({name: [UNSAFE_MESSAGE]})
     resource = session.execute(
         select(Patient.resource)
@@ -194,6 +204,7 @@ def update_patient(
             row = _find(session, patient_id, lock=True)
             if row.version != expected:
                 raise VersionConflict(str(row.id), expected, row.version)
+            _lock(session, _lock_keys([resource], []))
             version, now = row.version + 1, datetime.now(UTC)
             stored = _with_server_fields(resource, row.id, version, now)
             validate_patient(stored)
@@ -298,6 +309,37 @@ def _key_for(action, idempotency_key, caller, position):
         suffix = "" if position is None else f"#{position}"
         return f"delivery:{action}", f"{caller.delivery_id}{suffix}"
     return None, None
+
+
+def _lock_keys(resources, keys):
+    """Advisory lock numbers for the identifiers of ``resources`` and the
+    idempotency ``keys``: the rows whose inserts could wait on each other."""
+    names = {f"k|{scope}|{key}" for scope, key in keys if isinstance(key, str)}
+    for resource in resources:
+        identifiers = resource.get("identifier") if isinstance(resource, dict) else None
+        for identifier in identifiers if isinstance(identifiers, list) else ():
+            if isinstance(identifier, dict):
+                system, value = identifier.get("system"), identifier.get("value")
+                if isinstance(system, str) and isinstance(value, str):
+                    names.add(f"i|{system}|{value}")
+    return sorted(_lock_number(name) for name in names)
+
+
+def _lock_number(name):
+    digest = hashlib.blake2b(name.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _lock(session, numbers):
+    """Take transaction-scoped advisory locks, in ascending order."""
+    if numbers:
+        session.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(n)"
+                " FROM (SELECT unnest(CAST(:numbers AS bigint[])) AS n ORDER BY n) AS s"
+            ),
+            {"numbers": numbers},
+        )
 
 
 def _claim_key(session, scope, key, request_hash):

@@ -1,0 +1,177 @@
+"""A database that stops answering, lock waits and crossing writes: calls
+end within their deadline with a typed error, and nothing deadlocks."""
+
+import contextlib
+import socket
+import time
+
+import eventlet
+import pytest
+from nameko.containers import ServiceContainer
+from nameko.standalone.rpc import ClusterRpcProxy
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from patient.errors import ServiceUnavailable
+from patient.models import Patient, PatientIdentifier
+from patient.service import PatientService
+from tests.factories import patient
+
+
+class PausableProxy:
+    """A TCP relay to PostgreSQL that can stop passing bytes on, as a frozen
+    database or a stalled network would."""
+
+    def __init__(self, port):
+        self.target = ("127.0.0.1", port)
+        self.server = eventlet.listen(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.paused = False
+        self.thread = eventlet.spawn(self._accept)
+
+    def _accept(self):
+        while True:
+            client, _ = self.server.accept()
+            upstream = eventlet.connect(self.target)
+            eventlet.spawn(self._pipe, client, upstream)
+            eventlet.spawn(self._pipe, upstream, client)
+
+    def _pipe(self, source, sink):
+        try:
+            while data := source.recv(65536):
+                while self.paused:
+                    eventlet.sleep(0.05)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.thread.kill()
+        self.server.close()
+
+
+class StallingPatientService(PatientService):
+    name = "patient_service_behind_proxy"
+
+
+@pytest.fixture
+def proxy(db_uri):
+    relay = PausableProxy(make_url(db_uri).port or 5432)
+    yield relay
+    relay.paused = False
+    relay.close()
+
+
+@pytest.fixture
+def stalling(config, db_uri, proxy, clean_db):
+    """The service on a database reached through the proxy, with a 2 s
+    deadline and a 1 s statement timeout."""
+    uri = make_url(db_uri).set(host="127.0.0.1", port=proxy.port)
+    container = ServiceContainer(
+        StallingPatientService,
+        {
+            **config,
+            "DB_URIS": {
+                "patient_service_behind_proxy:Base": uri.render_as_string(
+                    hide_password=False
+                )
+            },
+            "CALL_DEADLINE_S": 2,
+            "DB_STATEMENT_TIMEOUT_MS": 1000,
+        },
+    )
+    container.start()
+    with ClusterRpcProxy(config, timeout=20) as cluster:
+        yield cluster.patient_service_behind_proxy
+    proxy.paused = False
+    container.stop()
+
+
+def timed(call, *args):
+    started = time.monotonic()
+    try:
+        return call(*args), time.monotonic() - started
+    except Exception as exc:
+        return exc, time.monotonic() - started
+
+
+def test_a_database_that_stops_answering_fails_calls_within_the_deadline(
+    stalling, proxy, config
+):
+    stored = stalling.register_patient(patient())
+    proxy.paused = True
+
+    error, took = timed(stalling.get_patient, stored["id"])
+    assert isinstance(error, ServiceUnavailable)
+    assert took < 4
+
+    report, took = timed(stalling.health)
+    assert report["status"] == "down" and report["database"]["status"] == "down"
+    assert took < 3
+
+    # More stuck calls than workers: each ends at its deadline, and a call
+    # that needs no database is answered meanwhile.
+    def get(_):
+        with ClusterRpcProxy(config, timeout=20) as cluster:
+            return timed(cluster.patient_service_behind_proxy.get_patient, stored["id"])
+
+    pool = eventlet.GreenPool(12)
+    results = list(pool.imap(get, range(12)))
+    assert all(isinstance(error, ServiceUnavailable) for error, _ in results)
+    assert max(took for _, took in results) < 8
+    assert timed(stalling.ping)[1] < 3
+
+    proxy.paused = False
+    assert stalling.get_patient(stored["id"]) == stored
+
+
+def test_a_lock_held_too_long_is_a_retryable_unavailability(stalling, engine):
+    stored = stalling.register_patient(patient())
+
+    with Session(engine) as holder:
+        holder.execute(
+            text("SELECT 1 FROM patients WHERE id = :id FOR UPDATE"),
+            {"id": stored["id"]},
+        )
+        error, took = timed(stalling.update_patient, stored["id"], stored, 1)
+        holder.rollback()
+
+    assert isinstance(error, ServiceUnavailable)
+    assert "in time" in str(error)
+    assert took < 3
+    assert stalling.update_patient(stored["id"], stored, 1)["meta"]["versionId"] == "2"
+
+
+def test_batches_sharing_identifiers_in_opposite_orders_never_deadlock(
+    config, service, db
+):
+    shared = [patient() for _ in range(30)]
+
+    def send(entries):
+        with ClusterRpcProxy(config, timeout=30) as cluster:
+            return cluster.patient_service.register_patients(entries)
+
+    for _ in range(3):
+        for resource in shared:
+            resource["identifier"][0]["value"] += "x"
+        forward = [{"resource": r} for r in shared]
+        pool = eventlet.GreenPool(2)
+        first, second = pool.imap(send, [forward, forward[::-1]])
+
+        statuses = [r["status"] for r in first + second]
+        assert statuses.count("created") == 30
+        assert statuses.count("duplicate") == 30
+
+    db.rollback()
+    assert db.execute(select(func.count()).select_from(Patient)).scalar_one() == 90
+    per_identifier = db.execute(
+        select(func.count())
+        .select_from(PatientIdentifier)
+        .group_by(PatientIdentifier.value)
+    ).scalars()
+    assert set(per_identifier) == {1}
