@@ -46,6 +46,10 @@ def search_patients(session, criteria, count=20, cursor=None, region=None):
     limit = request["count"]
     rows = session.execute(query.order_by(Patient.id).limit(limit + 1)).all()
 
+    # Known shortcoming: "more" rests on one row read ahead. If that row
+    # stops matching before the next page is asked for, the next page is
+    # empty. A cursor that holds the search's snapshot (or re-checks the
+    # read-ahead row) would close the gap.
     page, more = rows[:limit], len(rows) > limit
     next_cursor = _make_cursor(page[-1].id, fingerprint) if more else None
     return {"patients": [row.resource for row in page], "next_cursor": next_cursor}
