@@ -3,10 +3,13 @@
 import functools
 import inspect
 import logging
+import re
 import traceback
 import uuid
 
 import eventlet
+from amqp.exceptions import AMQPError
+from kombu.exceptions import OperationalError as KombuOperationalError
 from nameko.constants import CALL_ID_STACK_CONTEXT_KEY
 from nameko.exceptions import IncorrectSignature
 from nameko.extensions import DependencyProvider
@@ -29,6 +32,12 @@ DELIVERY_KEY = "patient_service.delivery_id"
 
 
 MAX_CALL_STACK = 20
+# Nameko's call ids are "service.method.uuid"; nothing else gets into logs
+# and the audit trail.
+_CALL_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
+_USER_ID = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,200}")
+# A batch of 100 resources at the 256 KiB limit, with room for the envelope.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 DEFAULT_CALL_DEADLINE_S = 8.0
 SLOW = "the patient database did not answer in time; retry later"
 # Statement or lock timeouts, deadlocks, serialisation failures: the next
@@ -37,10 +46,34 @@ TRANSIENT_SQLSTATES = frozenset({"57014", "55P03", "40P01", "40001"})
 
 
 class GuardedQueueConsumer(QueueConsumer):
-    """Nameko's queue consumer, without kombu's logging of bodies."""
+    """Nameko's queue consumer, screening messages before they are decoded.
+
+    kombu would inflate a compressed body of any size (a few kilobytes of
+    bz2 become gigabytes) and log an undecodable body whole, patient data and
+    all. Compressed and oversized messages are dropped unread.
+    """
+
+    def get_consumers(self, consumer_cls, channel):
+        consumers = super().get_consumers(consumer_cls, channel)
+        for consumer in consumers:
+            # With on_message set, kombu hands over the message undecoded.
+            consumer.on_message = functools.partial(self._screen, consumer)
+        return consumers
+
+    def _screen(self, consumer, message):
+        size = len(message.body or b"")
+        if message.headers.get("compression") or size > MAX_MESSAGE_BYTES:
+            log.warning("dropped a compressed or oversized message (%s bytes)", size)
+            message.ack()
+            return
+        try:
+            body = message.decode()
+        except Exception as exc:
+            self.on_decode_error(message, exc)
+            return
+        consumer.receive(body, message)
 
     def on_decode_error(self, message, exc):
-        # kombu would log the raw body, patient data and all, and ack it.
         log.warning(
             "dropped a message that could not be decoded (%s, %s bytes)",
             type(exc).__name__,
@@ -50,21 +83,33 @@ class GuardedQueueConsumer(QueueConsumer):
 
 
 class GuardedRpcConsumer(RpcConsumer):
-    """Drops requests that no one could be answered for.
+    """Drops requests that no one could be answered for, and survives a
+    reply that cannot be sent.
 
-    Nameko answers to ``reply_to``; a request without one made the answer
-    fail with a KeyError that killed the service, and the unacknowledged
-    request killed it again on every restart.
+    Nameko answers to ``reply_to``, encoded as ``content_type``; a request
+    without either made the answer fail with a KeyError that killed the
+    service, and the unacknowledged request killed it again on every
+    restart. A broker gone while a call ran killed it too.
     """
 
     queue_consumer = GuardedQueueConsumer()
 
     def handle_message(self, body, message):
-        if not message.properties.get("reply_to"):
-            log.warning("dropped an RPC request without reply_to")
+        properties = message.properties
+        if not properties.get("reply_to") or not properties.get("content_type"):
+            log.warning("dropped an RPC request without reply_to or content_type")
             self.queue_consumer.ack_message(message)
             return
         super().handle_message(body, message)
+
+    def handle_result(self, message, result, exc_info):
+        try:
+            return super().handle_result(message, result, exc_info)
+        except (OSError, AMQPError, KombuOperationalError) as exc:
+            # Unacknowledged, the request comes back once the broker does,
+            # and is answered from its first delivery.
+            log.warning("could not answer a call: %s", type(exc).__name__)
+            return result, exc_info
 
 
 class PatientRpc(Rpc):
@@ -90,8 +135,9 @@ class PatientRpc(Rpc):
         data = super().unpack_message_headers(message)
         # Nameko joins the call stack into a log line outside any error
         # handling: a stack that is not a list of strings killed the service.
-        stack = data.get(CALL_ID_STACK_CONTEXT_KEY)
-        if stack is not None and not _is_call_stack(stack):
+        if CALL_ID_STACK_CONTEXT_KEY in data and not _is_call_stack(
+            data[CALL_ID_STACK_CONTEXT_KEY]
+        ):
             del data[CALL_ID_STACK_CONTEXT_KEY]
         # Nameko copies every context key into the headers of onward calls;
         # CallerProvider takes this one out before the worker runs.
@@ -115,7 +161,7 @@ def _is_call_stack(stack):
     return (
         isinstance(stack, list)
         and len(stack) <= MAX_CALL_STACK
-        and all(isinstance(call_id, str) for call_id in stack)
+        and all(isinstance(c, str) and _CALL_ID.fullmatch(c) for c in stack)
     )
 
 
@@ -134,7 +180,15 @@ def rpc(method=None, *, sensitive_arguments=()):
         deadline = float(config.get("CALL_DEADLINE_S", DEFAULT_CALL_DEADLINE_S))
         try:
             with eventlet.Timeout(deadline, DeadlinePassed()):
-                return method(self, *args, **kwargs)
+                try:
+                    result = method(self, *args, **kwargs)
+                except DeadlinePassed:
+                    raise
+                except BaseException:
+                    _finish_database(self)
+                    raise
+                _finish_database(self)
+                return result
         except PatientServiceError:
             raise
         except DeadlinePassed:
@@ -158,6 +212,18 @@ def rpc(method=None, *, sensitive_arguments=()):
 
 class DeadlinePassed(Exception):
     pass
+
+
+def _finish_database(service):
+    """End the worker's transaction inside the deadline; a connection that
+    fails to roll back is dropped, the answer stands."""
+    db = getattr(service, "db", None)
+    if db is None:
+        return
+    try:
+        db.session.close()
+    except DBAPIError:
+        db.session.invalidate()
 
 
 def _abandon_database(service):
@@ -207,7 +273,10 @@ def _caller(worker_ctx):
     stack = worker_ctx.call_id_stack
     service = stack[-2].split(".", 1)[0] if len(stack) > 1 else None
     user = worker_ctx.data.get("user_id")
-    actor = str(user)[:200] if user else f"service:{service or 'unknown'}"
+    if isinstance(user, str) and _USER_ID.fullmatch(user):
+        actor = user
+    else:
+        actor = f"service:{service or 'unknown'}"
     return Caller(
         actor=actor,
         service=service,

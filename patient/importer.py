@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "config.yml"
 DEFAULT_BATCH_SIZE = 100
-MAX_BATCH_SIZE = 500
+MAX_BATCH_SIZE = 100
 DEFAULT_TIMEOUT_S = 60.0
 KEY_PREFIX = "import:"
 

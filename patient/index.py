@@ -138,30 +138,36 @@ def phone_keys(value, region=None):
     """Keys under which a stored phone number is found.
 
     A number with its country code ("+61 3 5555 6473") is keyed by its
-    E.164 form; so is one without, if it is a valid number of the service's
-    region. Any other number could be of any country: it is keyed by its
-    digits less trunk zeros ("(03) 5555 6473" as 355556473), which a search
-    with a country code also looks for.
+    E.164 form ("e") and by its national number ("m", for searches written
+    without a country code); a number without one that is valid in the
+    service's region, by its E.164 form. Any other number could be of any
+    country: it is keyed by its digits less trunk zeros ("n": "(03) 5555
+    6473" as 355556473), which a search with a country code also looks for.
     """
-    number = _parse(value, None) or _parse(value, region, valid=True)
+    number = _parse(value, None)
+    if number is not None:
+        national = phonenumbers.national_significant_number(number)
+        return [_e164(number), "m" + national]
+    number = _parse(value, region, valid=True)
     if number is not None:
         return [_e164(number)]
     national = _national_digits(value)
-    return [national] if national else []
+    return ["n" + national] if national else []
 
 
 def phone_search_keys(value, region=None):
-    """Keys that find a searched number however the stored one was written;
-    a number with a country code never finds one of another country."""
-    keys = {}
+    """Keys that find a searched number however the stored one was written.
+    A number with a country code never finds one of another country; one
+    without finds that number in any country."""
     number = _parse(value, None)
     if number is not None:
-        keys[_e164(number)] = None
-        keys["n" + phonenumbers.national_significant_number(number)] = None
-        return list(keys)
+        national = phonenumbers.national_significant_number(number)
+        return [_e164(number), "n" + national]
+    keys = {}
     national = _national_digits(value)
     if national:
-        keys[national] = None
+        keys["n" + national] = None
+        keys["m" + national] = None
     number = _parse(value, region)
     if number is not None:
         keys[_e164(number)] = None
@@ -184,4 +190,4 @@ def _e164(number):
 
 def _national_digits(value):
     digits = re.sub(r"\D", "", value)
-    return "n" + (digits.lstrip("0") or digits)[:30] if digits else None
+    return (digits.lstrip("0") or digits)[:30] if digits else None

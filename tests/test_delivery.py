@@ -1,11 +1,15 @@
 """At-least-once delivery: a message delivered twice writes once."""
 
+import bz2
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from unittest import mock
 
 import pytest
 from kombu import Connection, Exchange, Queue
+from nameko.exceptions import RpcTimeout
+from nameko.rpc import Responder
 from nameko.standalone.rpc import ClusterRpcProxy
 from sqlalchemy import func, select
 
@@ -147,3 +151,64 @@ def test_an_undecodable_body_is_dropped_without_logging_it(config, patients, cap
 
     assert patients.ping() == "pong"
     assert "Undecodable" not in caplog.text
+
+
+def test_more_poison_is_dropped_and_the_service_goes_on(config, patients):
+    body = json.dumps({"args": [], "kwargs": {}})
+    uri = config["AMQP_URI"]
+    publish_raw(uri, body, method="ping", reply_to="nobody", correlation_id="c-2")
+    publish_raw(
+        uri,
+        body,
+        method="ping",
+        content_type="application/json",
+        reply_to="nobody",
+        correlation_id="c-3",
+        headers={"nameko.call_id_stack": None},
+    )
+    publish_raw(
+        uri,
+        bz2.compress(b"[" * 1000 + b"]" * 1000),
+        method="ping",
+        content_type="application/json",
+        reply_to="nobody",
+        correlation_id="c-4",
+        headers={"compression": "application/x-bz2"},
+    )
+
+    assert patients.ping() == "pong"
+    assert patients.ping() == "pong"
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"user_id": "dr\x00who"},
+        {"user_id": "x" * 100_000},
+        {"call_id_stack": ["caller.method.1\n2026 CRITICAL forged"]},
+        {"call_id_stack": ["x" * 100_000]},
+    ],
+)
+def test_odd_context_data_neither_fails_calls_nor_reaches_the_audit(
+    config, service, db, context
+):
+    with ClusterRpcProxy(config, timeout=10, context_data=context) as proxy:
+        proxy.patient_service.register_patient(patient())
+
+    db.rollback()
+    event = db.execute(select(AuditEvent)).scalar_one()
+    assert len(event.actor) <= 200 and "\n" not in event.actor
+    assert event.service is None or len(event.service) <= 200
+
+
+def test_a_reply_that_cannot_be_sent_leaves_the_service_running(config, patients):
+    with (
+        mock.patch.object(
+            Responder, "send_response", side_effect=ConnectionRefusedError
+        ),
+        ClusterRpcProxy(config, timeout=2) as proxy,
+        pytest.raises(RpcTimeout),
+    ):
+        proxy.patient_service.ping()
+
+    assert patients.ping() == "pong"

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from patient.errors import ServiceUnavailable
+from patient.errors import DuplicatePatient, ServiceUnavailable
 from patient.models import Patient, PatientIdentifier
 from patient.service import PatientService
 from tests.factories import patient
@@ -175,3 +175,61 @@ def test_batches_sharing_identifiers_in_opposite_orders_never_deadlock(
         .group_by(PatientIdentifier.value)
     ).scalars()
     assert set(per_identifier) == {1}
+
+
+def test_connections_dropped_by_the_database_under_load_are_survived(
+    config, service, patients, engine
+):
+    stored = patients.register_patient(patient())
+    stop = time.monotonic() + 3
+
+    def read(_):
+        outcomes = []
+        with ClusterRpcProxy(config, timeout=20) as cluster:
+            while time.monotonic() < stop:
+                try:
+                    cluster.patient_service.get_patient(stored["id"])
+                    outcomes.append("ok")
+                except ServiceUnavailable:
+                    outcomes.append("unavailable")
+        return outcomes
+
+    pool = eventlet.GreenPool(6)
+    readers = [pool.spawn(read, n) for n in range(6)]
+    for _ in range(5):
+        eventlet.sleep(0.4)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'patient_service'"
+                    " AND datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+    outcomes = [o for reader in readers for o in reader.wait()]
+
+    assert outcomes.count("ok") > 0
+    assert patients.ping() == "pong"
+    assert patients.get_patient(stored["id"]) == stored
+
+
+def test_updates_swapping_identifiers_never_deadlock(config, service, patients):
+    for _ in range(10):
+        one = patients.register_patient(patient())
+        two = patients.register_patient(patient())
+
+        def swap(pair):
+            mine, theirs = pair
+            with ClusterRpcProxy(config, timeout=20) as cluster:
+                try:
+                    cluster.patient_service.update_patient(
+                        mine["id"], {**mine, "identifier": theirs["identifier"]}, 1
+                    )
+                    return "updated"
+                except DuplicatePatient:
+                    return "duplicate"
+                except ServiceUnavailable:
+                    return "unavailable"
+
+        outcomes = list(eventlet.GreenPool(2).imap(swap, [(one, two), (two, one)]))
+        assert "unavailable" not in outcomes

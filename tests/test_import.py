@@ -250,7 +250,7 @@ def test_importing_the_shared_data_twice_stores_each_patient_once(
     expected = predicted_outcomes(SHARED_DATA)
     first_report = tmp_path / "first.jsonl"
     args = ["--config", str(config_file(tmp_path, config))]
-    args += ["--report", str(first_report), "--batch-size", "250", str(SHARED_DATA)]
+    args += ["--report", str(first_report), "--batch-size", "100", str(SHARED_DATA)]
 
     assert importer.main(args) == 0
 
@@ -264,7 +264,7 @@ def test_importing_the_shared_data_twice_stores_each_patient_once(
     check_no_family_names(db, console.out + console.err)
 
     second = importer.run_import(
-        [SHARED_DATA], config, tmp_path / "second.jsonl", batch_size=250
+        [SHARED_DATA], config, tmp_path / "second.jsonl", batch_size=100
     )
 
     assert second.created == 0

@@ -164,6 +164,15 @@ def test_a_number_with_a_country_code_never_finds_another_country(
     assert len(patients.search_patients({"phone": stored})["patients"]) == 1
 
 
+def test_a_number_stored_with_its_country_code_is_found_in_national_form(patients):
+    stored = patients.register_patient(
+        patient(telecom=[{"system": "phone", "value": "+61 3 5555 6473"}])
+    )
+
+    for written in ("(03) 5555 6473", "03 5555 6473", "0355556473"):
+        assert ids(patients.search_patients({"phone": written})) == {stored["id"]}
+
+
 def test_email_is_case_insensitive(patients):
     stored = patients.register_patient(
         patient(telecom=[{"system": "email", "value": "Jane.Doe@Example.ORG"}])
