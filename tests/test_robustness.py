@@ -25,6 +25,14 @@ json_values = st.recursive(
     max_leaves=20,
 )
 
+# Each example is a real call: fewer of them, no per-example deadline, and
+# the service fixture shared by all of them.
+through_the_service = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
 MALFORMED = [
     None,
     "",
@@ -77,11 +85,7 @@ def test_unknown_method_is_refused(patients):
         patients.drop_all_patients()
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@through_the_service
 @given(
     resource=st.fixed_dictionaries(
         {"resourceType": st.just("Patient")},
@@ -103,11 +107,7 @@ def test_arbitrary_json_registers_or_gets_a_typed_error(patients, resource):
     assert patients.get_patient(stored["id"]) == stored
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@through_the_service
 @given(
     criteria=st.dictionaries(
         st.sampled_from(
