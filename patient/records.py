@@ -108,6 +108,7 @@ def _register_entry(session, entry, position, caller, region):
             entry.get("idempotency_key"),
             position,
             region,
+            locked=True,
         )
     except (InvalidPatient, InvalidRequest) as exc:
         return {"status": "invalid", "errors": exc.errors}
@@ -126,7 +127,10 @@ def _register_entry(session, entry, position, caller, region):
     }
 
 
-def _register(session, resource, caller, idempotency_key, position, region):
+def _register(
+    session, resource, caller, idempotency_key, position, region, locked=False
+):
+    """Register one resource; ``locked`` when the batch holds its locks."""
     scope, key = _key_for("register", idempotency_key, caller, position)
     request_hash = _hash(resource)
     # A repeat costs one read: its answer is there, validated the first time.
@@ -138,7 +142,9 @@ def _register(session, resource, caller, idempotency_key, position, region):
     stored = _with_server_fields(resource, patient_id, 1, now)
     validate_patient(stored)
 
-    _lock(session, _lock_keys([stored], [(scope, key)]))
+    if not locked:
+        _lock(session, _lock_keys([stored], [(scope, key)]))
+    keys = search_keys(stored, region)
 
     # One savepoint holds the key's claim and the writes: a duplicate undoes
     # both, so a refused entry of a batch leaves its key free.
@@ -150,14 +156,14 @@ def _register(session, resource, caller, idempotency_key, position, region):
                     return REPLAYED, replay
             session.execute(
                 insert(Patient),
-                [_patient_row(patient_id, 1, stored, now, region, created_at=now)],
+                [_patient_row(patient_id, 1, stored, now, keys, created_at=now)],
             )
-            _write_search_keys(session, patient_id, stored, region)
+            _write_search_keys(session, patient_id, keys)
             _audit(session, patient_id, "create", 1, now, caller)
             if key is not None:
                 _record_answer(session, scope, key, patient_id, stored)
     except IntegrityError:
-        raise _duplicate(session, stored) from None
+        raise _duplicate(session, keys) from None
 
     log.info("registered patient %s", patient_id)
     return CREATED, stored
@@ -213,12 +219,13 @@ def update_patient(
             stored = _with_server_fields(resource, row.id, version, now)
             validate_patient(stored)
 
-            _replace(session, row.id, version, stored, now, region)
+            keys = search_keys(stored, region)
+            _replace(session, row.id, version, stored, now, keys)
             _audit(session, row.id, "update", version, now, caller)
             if key is not None:
                 _record_answer(session, scope, key, row.id, stored)
     except IntegrityError:
-        raise _duplicate(session, stored, ignore=row.id) from None
+        raise _duplicate(session, keys, ignore=row.id) from None
     session.commit()
     log.info("updated patient %s to version %s", row.id, version)
     return stored
@@ -410,8 +417,7 @@ def _with_server_fields(resource, patient_id, version, now):
     return stored
 
 
-def _patient_row(patient_id, version, stored, now, region, created_at=None):
-    keys = search_keys(stored, region)
+def _patient_row(patient_id, version, stored, now, keys, created_at=None):
     row = {
         "id": patient_id,
         "version": version,
@@ -427,8 +433,7 @@ def _patient_row(patient_id, version, stored, now, region, created_at=None):
     return row
 
 
-def _write_search_keys(session, patient_id, stored, region):
-    keys = search_keys(stored, region)
+def _write_search_keys(session, patient_id, keys):
     if keys.identifiers:
         session.execute(
             insert(PatientIdentifier),
@@ -455,12 +460,12 @@ def _write_search_keys(session, patient_id, stored, region):
         )
 
 
-def _replace(session, patient_id, version, stored, now, region):
-    row = _patient_row(patient_id, version, stored, now, region)
+def _replace(session, patient_id, version, stored, now, keys):
+    row = _patient_row(patient_id, version, stored, now, keys)
     session.execute(update(Patient).where(Patient.id == patient_id).values(**row))
     for table in (PatientIdentifier, PatientNameToken, PatientTelecom):
         session.execute(delete(table).where(table.patient_id == patient_id))
-    _write_search_keys(session, patient_id, stored, region)
+    _write_search_keys(session, patient_id, keys)
 
 
 def _audit(session, patient_id, action, version, now, caller):
@@ -477,9 +482,9 @@ def _audit(session, patient_id, action, version, now, caller):
     )
 
 
-def _duplicate(session, stored, ignore=None):
+def _duplicate(session, keys, ignore=None):
     """The error for a resource whose identifier another patient holds."""
-    enforced = [(s, v) for s, v in search_keys(stored).identifiers if s and v]
+    enforced = [(s, v) for s, v in keys.identifiers if s and v]
     query = select(PatientIdentifier.patient_id, PatientIdentifier.system).where(
         tuple_(PatientIdentifier.system, PatientIdentifier.value).in_(enforced)
     )
