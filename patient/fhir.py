@@ -32,7 +32,11 @@ def validate_patient(resource):
     within the service's limits. Returns nothing: the caller keeps the
     resource exactly as given."""
     check_limits(resource)
+    check_shape(resource)
 
+
+def check_shape(resource):
+    """The R4 Patient rules, for a resource already within the limits."""
     if resource.get("resourceType") != "Patient":
         raise InvalidPatient({"resourceType": ["must be 'Patient'"]})
 

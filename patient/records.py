@@ -25,7 +25,7 @@ from patient.errors import (
     PatientNotFound,
     VersionConflict,
 )
-from patient.fhir import check_limits, validate_patient
+from patient.fhir import check_limits, check_shape
 from patient.index import search_keys
 from patient.models import (
     AuditEvent,
@@ -140,7 +140,7 @@ def _register(
     patient_id = uuid.uuid4()
     now = datetime.now(UTC)
     stored = _with_server_fields(resource, patient_id, 1, now)
-    validate_patient(stored)
+    check_shape(stored)
 
     if not locked:
         _lock(session, _lock_keys([stored], [(scope, key)]))
@@ -217,7 +217,7 @@ def update_patient(
             _lock(session, _lock_keys([resource, row.resource], []))
             version, now = row.version + 1, datetime.now(UTC)
             stored = _with_server_fields(resource, row.id, version, now)
-            validate_patient(stored)
+            check_shape(stored)
 
             keys = search_keys(stored, region)
             _replace(session, row.id, version, stored, now, keys)
