@@ -36,8 +36,9 @@ MAX_CALL_STACK = 20
 # and the audit trail.
 _CALL_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 _USER_ID = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,200}")
-# A batch of 100 resources at the 256 KiB limit, with room for the envelope.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# A batch of 100 resources at the 256 KiB limit, as JSON with \uXXXX
+# escapes (up to three times the UTF-8 size), with room for the envelope.
+MAX_MESSAGE_BYTES = 80 * 1024 * 1024
 DEFAULT_CALL_DEADLINE_S = 8.0
 SLOW = "the patient database did not answer in time; retry later"
 # Statement or lock timeouts, deadlocks, serialisation failures: the next
@@ -178,17 +179,21 @@ def rpc(method=None, *, sensitive_arguments=()):
     def guarded(self, *args, **kwargs):
         config = getattr(self, "config", None) or {}
         deadline = float(config.get("CALL_DEADLINE_S", DEFAULT_CALL_DEADLINE_S))
+        timer = eventlet.Timeout(deadline, DeadlinePassed())
         try:
-            with eventlet.Timeout(deadline, DeadlinePassed()):
-                try:
-                    result = method(self, *args, **kwargs)
-                except DeadlinePassed:
-                    raise
-                except BaseException:
-                    _finish_database(self)
-                    raise
+            try:
+                result = method(self, *args, **kwargs)
                 _finish_database(self)
                 return result
+            except BaseException:
+                # Fired inside psycopg2, the deadline surfaces as a database
+                # error; the timer says what really happened.
+                if not timer.pending:
+                    raise DeadlinePassed() from None
+                _finish_database(self)
+                raise
+            finally:
+                timer.cancel()
         except PatientServiceError:
             raise
         except DeadlinePassed:

@@ -161,7 +161,8 @@ def _why_unreachable(exc, config, timeout):
     if isinstance(exc, RpcTimeout):
         return f"the patient service did not answer within {timeout:g} s"
     if isinstance(exc, errors.ServiceUnavailable):
-        return "the patient service cannot reach its database"
+        # Its database is down or slow; a smaller --batch-size helps the latter.
+        return f"the patient service is unavailable: {exc}"
     return f"cannot reach the broker at {_broker(config)} ({type(exc).__name__})"
 
 

@@ -19,9 +19,11 @@ MAX_TOKEN_CHARS = 200
 # Kana voicing marks change the sound, not an accent: they stay.
 _KEPT_MARKS = {"\u3099", "\u309a"}
 # Latin letters that carry their stroke or ligature in the letter itself, so
-# that Unicode decomposition leaves them as they are.
+# that Unicode decomposition leaves them as they are; and the apostrophes a
+# keyboard or a phone may type for "'".
 _LATIN_LETTERS = str.maketrans(
     {"ł": "l", "ø": "o", "đ": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"}
+    | dict.fromkeys("’‘ʼ`´", "'")
 )
 _WORD_BREAK = re.compile(r"[\s\-‐‑‒–—―−]+")
 _PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)

@@ -16,7 +16,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import JSON, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Index keys compare byte-wise: prefix searches (LIKE 'abc%') then use a plain
@@ -35,7 +35,9 @@ class Patient(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
-    resource: Mapped[dict] = mapped_column(JSONB, nullable=False)
+    # json, not jsonb: the text is kept as written, so a number such as -0.0
+    # or 1e300 comes back as the caller sent it. Nothing queries inside it.
+    resource: Mapped[dict] = mapped_column(JSON, nullable=False)
     active: Mapped[bool] = mapped_column(Boolean, nullable=False)
     gender: Mapped[str | None] = mapped_column(String(16))
     birth_date_start: Mapped[date | None] = mapped_column(Date)
@@ -119,7 +121,7 @@ class IdempotencyRecord(Base):
     key: Mapped[str] = mapped_column(Text(collation=C), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     patient_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
-    response: Mapped[dict | None] = mapped_column(JSONB)
+    response: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_idempotency_records_created_at", "created_at"),)

@@ -1,6 +1,7 @@
 """Registering, reading, updating and deactivating patients, through the
 running service on the real broker and database."""
 
+import json
 import uuid
 
 import eventlet
@@ -36,6 +37,19 @@ def test_register_returns_the_resource_as_given_with_server_id_and_meta(patients
     unchanged = {k: v for k, v in stored.items() if k not in ("id", "meta")}
     assert unchanged == {k: v for k, v in given.items() if k not in ("id", "meta")}
     assert patients.get_patient(stored["id"]) == stored
+
+
+def test_numbers_come_back_as_written(patients):
+    odd = [
+        {"url": "urn:test:a", "valueDecimal": -0.0},
+        {"url": "urn:test:b", "valueDecimal": 1e300},
+        {"url": "urn:test:c", "valueDecimal": 0.1},
+    ]
+    stored = patients.register_patient(patient(extension=odd))
+
+    again = patients.get_patient(stored["id"])
+
+    assert json.dumps(again["extension"]) == json.dumps(odd)
 
 
 def test_register_keeps_callers_meta_but_sets_version_and_time(patients):

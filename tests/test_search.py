@@ -21,6 +21,7 @@ def people(patients):
         "chinese": patient(name=[{"text": "张无忌"}]),
         "nameless": patient(name=[]),
         "lukasz": patient(name=[{"family": "Łukasiewicz", "given": ["Jan"]}]),
+        "curly": patient(name=[{"family": "D’Angelo"}]),
         "dashed": patient(name=[{"family": "Smith\u2010Jones", "given": ["Jean-Luc"]}]),
     }
     made["nameless"].pop("name")
@@ -48,6 +49,8 @@ def people(patients):
         ({"name": "张"}, {"chinese"}),
         ({"name": "无忌"}, {"chinese"}),
         ({"family": "lukas"}, {"lukasz"}),
+        ({"family": "O’Brien"}, {"obrien"}),
+        ({"family": "d'angelo"}, {"curly"}),
         ({"family": "smith-jones"}, {"dashed"}),
         ({"family": "smith jones"}, {"dashed"}),
         ({"family": "smithjo"}, {"dashed"}),

@@ -38,7 +38,7 @@ def upgrade() -> None:
     sa.Column('key', sa.Text(collation='C'), nullable=False),
     sa.Column('request_hash', sa.String(length=64), nullable=False),
     sa.Column('patient_id', sa.UUID(), nullable=True),
-    sa.Column('response', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('response', postgresql.JSON(astext_type=sa.Text()), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('scope', 'key')
     )
@@ -46,7 +46,7 @@ def upgrade() -> None:
     op.create_table('patients',
     sa.Column('id', sa.UUID(), nullable=False),
     sa.Column('version', sa.Integer(), nullable=False),
-    sa.Column('resource', postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+    sa.Column('resource', postgresql.JSON(astext_type=sa.Text()), nullable=False),
     sa.Column('active', sa.Boolean(), nullable=False),
     sa.Column('gender', sa.String(length=16), nullable=True),
     sa.Column('birth_date_start', sa.Date(), nullable=True),
