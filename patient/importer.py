@@ -161,8 +161,9 @@ def _why_unreachable(exc, config, timeout):
     if isinstance(exc, RpcTimeout):
         return f"the patient service did not answer within {timeout:g} s"
     if isinstance(exc, errors.ServiceUnavailable):
-        # Its database is down or slow; a smaller --batch-size helps the latter.
-        return f"the patient service is unavailable: {exc}"
+        # Its database is down or slow; smaller batches help the latter.
+        hint = "a smaller --batch-size may help"
+        return f"the patient service is unavailable ({exc}); {hint}"
     return f"cannot reach the broker at {_broker(config)} ({type(exc).__name__})"
 
 
