@@ -39,17 +39,21 @@ def broker_status(amqp_uri, timeout=2.0):
 
 
 def queue_status(session, queue, stale_s=60.0):
-    """``degraded`` while the circuit to the Queue Service is not closed or
-    a message has been owed longer than ``stale_s``; never ``down``."""
+    """``degraded`` while this instance's circuit to the Queue Service is
+    open, a call owed to it has failed (in any instance), or one has been
+    owed longer than ``stale_s``; never ``down``."""
     status = {"circuit": queue.circuit}
     try:
         with eventlet.Timeout(2.0):
             status.update(outbox.backlog(session))
     except (Exception, eventlet.Timeout) as exc:
         session.invalidate()
-        status["backlog_error"] = type(exc).__name__
-    stale = status.get("oldest_s", 0) > stale_s
-    healthy = queue.circuit == "closed" and not stale and "backlog_error" not in status
+        return {"status": "degraded", **status, "backlog_error": type(exc).__name__}
+    healthy = (
+        queue.circuit != "open"
+        and status["failing"] == 0
+        and status["oldest_s"] <= stale_s
+    )
     return {"status": "up" if healthy else "degraded", **status}
 
 
