@@ -7,6 +7,16 @@ from kombu import Connection
 from sqlalchemy import text
 
 
+def report(session, amqp_uri, call_deadline_s):
+    """What ``health()`` and ``GET /health`` answer."""
+    checks = {
+        # Half the call's deadline: health answers "down", not a timeout.
+        "database": database_status(session, min(2.0, call_deadline_s / 2)),
+        "broker": broker_status(amqp_uri),
+    }
+    return {"status": overall(checks), **checks}
+
+
 def database_status(session, timeout=2.0):
     started = time.perf_counter()
     try:

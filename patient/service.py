@@ -1,5 +1,5 @@
-"""The ``patient_service`` Nameko service: a thin adapter from RPC calls to
-the plain modules that hold the rules."""
+"""The ``patient_service`` Nameko service: a thin adapter from RPC calls
+and HTTP requests to the plain modules that hold the rules."""
 
 import logging
 from datetime import UTC, datetime, timedelta
@@ -8,6 +8,7 @@ from nameko.dependency_providers import Config
 from nameko.timer import timer
 
 from patient import health, records, search
+from patient.api import PatientApi
 from patient.db import PatientDatabase
 from patient.dependencies import CallerProvider, rpc
 from patient.models import Base
@@ -17,7 +18,9 @@ log = logging.getLogger(__name__)
 PURGE_INTERVAL_S = 3600
 
 
-class PatientService:
+class PatientService(PatientApi):
+    """RPC methods here; the HTTP routes come from ``PatientApi``."""
+
     name = "patient_service"
 
     db = PatientDatabase(Base)
@@ -78,13 +81,11 @@ class PatientService:
 
     @rpc
     def health(self):
+        return self.health_report()
+
+    def health_report(self):
         deadline = float(self.config.get("CALL_DEADLINE_S", 8))
-        checks = {
-            # Half the call's deadline: health answers "down", not a timeout.
-            "database": health.database_status(self.db.session, min(2.0, deadline / 2)),
-            "broker": health.broker_status(self.config["AMQP_URI"]),
-        }
-        return {"status": health.overall(checks), **checks}
+        return health.report(self.db.session, self.config["AMQP_URI"], deadline)
 
     @timer(interval=PURGE_INTERVAL_S)
     def purge_delivery_records(self):

@@ -46,7 +46,7 @@ def shipped_logging_at_debug(monkeypatch):
     """The logging set-up of config.yml, with LOG_LEVEL=DEBUG."""
     monkeypatch.setenv("LOG_LEVEL", "DEBUG")
     setup_yaml_parser()
-    config = yaml.unsafe_load((ROOT / "config.yml").read_text())
+    config = yaml.safe_load((ROOT / "config.yml").read_text())
     logging.config.dictConfig({**config["LOGGING"], "handlers": {}, "root": {}})
     yield
     for name in config["LOGGING"]["loggers"]:
