@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("HS256", "RS256")
 # RFC 7518 asks for an HMAC key at least as long as the hash.
 MIN_SECRET_BYTES = 32
-MAX_TOKEN_CHARS = 8192
+MAX_TOKEN_CHARS = 4096
 GATEWAY = "gateway"
 DEFAULT_AUDIENCE = "patient-service"
 DEFAULT_ISSUER = "api-gateway"

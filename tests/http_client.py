@@ -10,7 +10,7 @@ from patient.auth import issue_token
 
 TOKEN_SETTINGS = {
     "JWT_ALGORITHM": "HS256",
-    "JWT_SECRET": f"test-secret-{uuid.uuid4().hex}",
+    "JWT_SECRET": f"test-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}",
     "JWT_AUDIENCE": "patient-service",
     "JWT_ISSUER": "api-gateway",
 }
