@@ -3,6 +3,7 @@ headers, and every error status as problem details."""
 
 import json
 import logging
+import re
 import uuid
 
 import pytest
@@ -10,6 +11,7 @@ from sqlalchemy import select
 
 from patient import records
 from patient.models import AuditEvent
+from patient.web import PatientHttp
 from tests.factories import patient
 from tests.http_client import token
 
@@ -336,3 +338,46 @@ def test_an_unexpected_error_is_a_500_problem_whose_reference_is_logged(
     assert "Traceback" not in response.text
     assert body["reference"] in caplog.text
     assert "Chalmers" not in caplog.text
+
+
+def test_the_document_describes_every_route_the_server_has(api, running_service):
+    document = api.get("/openapi.json").json()
+    served = {
+        (method.lower(), re.sub(r"<(\w+)>", r"{\1}", entrypoint.url))
+        for entrypoint in running_service.entrypoints
+        if isinstance(entrypoint, PatientHttp)
+        for method in entrypoint.method.split(",")
+    }
+
+    documented = {
+        (method, path)
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
+    assert document["openapi"] == "3.1.0"
+    assert served == documented
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_the_document_names_every_error_status_an_operation_can_answer(api):
+    operations = api.get("/openapi.json").json()["paths"]
+
+    update = operations["/patients/{patient_id}"]["put"]["responses"]
+    assert set(update) == {
+        "200", "400", "401", "403", "404", "409", "412", "413", "415", "428",
+        "500", "503",
+    }  # fmt: skip
+    assert set(operations["/health"]["get"]["security"]) == set()
+
+
+def test_a_chunked_body_within_the_limit_is_read_whole(api):
+    body = json.dumps(patient()).encode()
+
+    response = api.post(
+        "/patients",
+        as_=CLINICIAN,
+        data=iter([body[:10], body[10:]]),
+        headers={"Content-Type": "application/json"},
+    )
+
+    assert response.status_code == 201
