@@ -3,11 +3,13 @@ JSON bodies, and problem details for every error, expected or not."""
 
 import json
 import logging
+import time
 from functools import partial
 
+from eventlet import wsgi
 from eventlet.event import Event
 from nameko.web.handlers import HttpRequestHandler
-from nameko.web.server import WebServer, WsgiApp, parse_address
+from nameko.web.server import HttpOnlyProtocol, WebServer, WsgiApp, parse_address
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
@@ -37,9 +39,13 @@ class PatientWsgiApp(WsgiApp):
     failure outside a worker with problem details, never a traceback."""
 
     def __call__(self, environ, start_response):
+        started = time.perf_counter()
         request = Request(environ, shallow=True)
+        rule = "(no route)"
         try:
-            provider, values = self.url_map.bind_to_environ(environ).match()
+            adapter = self.url_map.bind_to_environ(environ)
+            provider, values = adapter.match()
+            rule = provider.url
             request.path_values = values
             response = provider.handle_request(request)
         except WerkzeugNotFound:
@@ -51,6 +57,14 @@ class PatientWsgiApp(WsgiApp):
             response = exc.get_response(environ)
         except Exception as exc:
             response = problem(internal_error("http request", exc))
+        # The route, not the path or query: those can hold search criteria.
+        log.info(
+            "%s %s %s %.1f ms",
+            request.method[:10],
+            rule,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
         return response(environ, start_response)
 
 
@@ -73,6 +87,18 @@ class PatientWebServer(WebServer):
 
     def get_wsgi_app(self):
         return PatientWsgiApp(self)
+
+    def get_wsgi_server(self, sock, wsgi_app, protocol=HttpOnlyProtocol, debug=False):
+        # eventlet's access log holds the query string, search criteria and
+        # all; PatientWsgiApp logs each request without it.
+        return wsgi.Server(
+            sock,
+            sock.getsockname(),
+            wsgi_app,
+            protocol=protocol,
+            log=logging.getLogger("nameko.web.server"),
+            log_output=False,
+        )
 
 
 class PatientHttp(HttpRequestHandler):
