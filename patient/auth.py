@@ -9,6 +9,7 @@ algorithm and key come from configuration only, never from the token, and
 
 import argparse
 import logging
+import os
 import re
 import sys
 import time
@@ -205,8 +206,6 @@ def issue_token(key, subject, roles, patient_id=None, ttl_s=3600, config=None):
 def main(argv=None):
     """Print a development token signed with JWT_SECRET, or with the RSA
     private key given by --private-key when JWT_ALGORITHM is RS256."""
-    import os
-
     parser = argparse.ArgumentParser(prog="patient-token", description=main.__doc__)
     parser.add_argument("--sub", required=True)
     parser.add_argument("--role", action="append", choices=ROLES, required=True)
