@@ -62,10 +62,23 @@ class Check(Schema):
     error = fields.String()
 
 
+class QueueCheck(Schema):
+    status = fields.String(required=True, metadata={"enum": ["up", "degraded"]})
+    circuit = fields.String(required=True)
+    owed = fields.Integer(metadata={"description": "calls the outbox still owes"})
+    oldest_s = fields.Float()
+    backlog_error = fields.String()
+
+
 class Health(Schema):
     status = fields.String(required=True, metadata={"enum": ["ok", "down"]})
     database = fields.Nested(Check, required=True)
     broker = fields.Nested(Check, required=True)
+    queue_service = fields.Nested(
+        QueueCheck,
+        required=True,
+        metadata={"description": "degraded, never down: requests wait"},
+    )
 
 
 PATIENT_REF = "#/components/schemas/Patient"

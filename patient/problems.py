@@ -10,12 +10,17 @@ import json
 from werkzeug.wrappers import Response
 
 from patient.errors import (
+    AppointmentNotCancellable,
+    AppointmentRequestNotFound,
     DuplicatePatient,
     IdempotencyKeyReused,
     InternalError,
+    InvalidAppointmentRequest,
+    InvalidFields,
     InvalidPatient,
     InvalidRequest,
     InvalidSearch,
+    PatientInactive,
     PatientNotFound,
     PatientServiceError,
     ServiceUnavailable,
@@ -92,13 +97,17 @@ STATUS = {
     InvalidPatient: (400, "Invalid patient"),
     InvalidSearch: (400, "Invalid search"),
     InvalidRequest: (400, "Invalid request"),
+    InvalidAppointmentRequest: (400, "Invalid appointment request"),
     Unauthenticated: (401, "Unauthenticated"),
     Forbidden: (403, "Forbidden"),
     PatientNotFound: (404, "Not found"),
+    AppointmentRequestNotFound: (404, "Not found"),
     RouteNotFound: (404, "Not found"),
     MethodNotAllowed: (405, "Method not allowed"),
     DuplicatePatient: (409, "Duplicate patient"),
     IdempotencyKeyReused: (409, "Idempotency key reused"),
+    PatientInactive: (409, "Patient inactive"),
+    AppointmentNotCancellable: (409, "Appointment request not cancellable"),
     VersionConflict: (412, "Precondition failed"),
     PayloadTooLarge: (413, "Payload too large"),
     UnsupportedMediaType: (415, "Unsupported media type"),
@@ -130,11 +139,13 @@ def problem(exc, reveal_holder=True):
         "code": exc.code,
     }
     headers = {}
-    if isinstance(exc, (InvalidPatient, InvalidSearch, InvalidRequest)):
+    if isinstance(exc, InvalidFields):
         body["errors"] = exc.errors
     elif isinstance(exc, PatientNotFound):
         # The same answer whether the record is missing or someone else's.
         body["detail"] = "no such patient"
+    elif isinstance(exc, AppointmentRequestNotFound):
+        body["detail"] = "no such appointment request"
     elif isinstance(exc, DuplicatePatient) and reveal_holder:
         body["existing_id"] = exc.existing_id
     elif isinstance(exc, DuplicatePatient):

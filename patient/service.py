@@ -7,11 +7,12 @@ from datetime import UTC, datetime, timedelta
 from nameko.dependency_providers import Config
 from nameko.timer import timer
 
-from patient import health, records, search
+from patient import appointments, health, outbox, records, relay, search
 from patient.api import PatientApi
 from patient.db import PatientDatabase
-from patient.dependencies import CallerProvider, rpc
+from patient.dependencies import CallerProvider, rpc, setting_timer
 from patient.models import Base
+from patient.queue import QueueServiceRpc
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,15 @@ class PatientService(PatientApi):
     db = PatientDatabase(Base)
     caller = CallerProvider()
     config = Config()
+    queue_service = QueueServiceRpc()
 
     @property
     def region(self):
         return self.config.get("PHONE_REGION") or None
+
+    @property
+    def forward_policy(self):
+        return outbox.Policy.from_config(self.config)
 
     @rpc(sensitive_arguments=("patient",))
     def register_patient(self, patient, idempotency_key=None):
@@ -74,6 +80,53 @@ class PatientService(PatientApi):
             self.db.session, criteria, count, cursor, self.region
         )
 
+    @rpc(sensitive_arguments=("request",))
+    def request_appointment(self, patient_id, request, idempotency_key=None):
+        made = appointments.request_appointment(
+            self.db.session, patient_id, request, self.caller, idempotency_key
+        )
+        return self.forward_new_request(made)
+
+    def forward_new_request(self, made):
+        """Forward a request right after its commit (RPC and HTTP alike); the
+        outbox relay retries what this does not get through."""
+        if made["status"] == appointments.PENDING:
+            relay.forward_now(
+                self.db.session,
+                self.queue_service,
+                self.forward_policy,
+                made["request_id"],
+            )
+            made = appointments.get_appointment_request(
+                self.db.session, made["request_id"]
+            )
+        return made
+
+    @rpc
+    def get_appointment_request(self, request_id):
+        return appointments.get_appointment_request(self.db.session, request_id)
+
+    @rpc
+    def list_appointment_requests(self, patient_id, status=None, count=20, cursor=None):
+        return appointments.list_appointment_requests(
+            self.db.session, patient_id, status, count, cursor
+        )
+
+    @rpc
+    def cancel_appointment_request(self, request_id):
+        return appointments.cancel_appointment_request(
+            self.db.session, request_id, self.caller
+        )
+
+    @setting_timer("OUTBOX_RELAY_INTERVAL_S", 1.0)
+    def relay_outbox(self):
+        """Forward what the Queue Service is still owed."""
+        try:
+            relay.relay_due(self.db.session, self.queue_service, self.forward_policy)
+        except Exception as exc:  # the next tick tries again
+            log.warning("outbox relay failed: %s", type(exc).__name__)
+            self.db.session.invalidate()
+
     @rpc
     def ping(self):
         """Touches nothing: the floor of an RPC round trip."""
@@ -85,7 +138,9 @@ class PatientService(PatientApi):
 
     def health_report(self):
         deadline = float(self.config.get("CALL_DEADLINE_S", 8))
-        return health.report(self.db.session, self.config["AMQP_URI"], deadline)
+        return health.report(
+            self.db.session, self.config["AMQP_URI"], deadline, self.queue_service
+        )
 
     @timer(interval=PURGE_INTERVAL_S)
     def purge_delivery_records(self):
