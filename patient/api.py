@@ -5,8 +5,8 @@ import hashlib
 import re
 from urllib.parse import urlencode
 
-from patient import auth, openapi, records, search
-from patient.errors import InvalidRequest
+from patient import appointments, auth, openapi, records, search
+from patient.errors import AppointmentRequestNotFound, InvalidRequest
 from patient.problems import PreconditionRequired, etag
 from patient.web import json_response, route
 
@@ -58,15 +58,67 @@ class PatientApi:
         page = search.search_patients(
             self.db.session,
             auth.restrict_search(user, criteria),
-            int(count) if _COUNT.fullmatch(str(count)) else count,
+            _count(count),
             cursor,
             self.region,
         )
-        following = _next_link(request, page["next_cursor"])
-        headers = {"Link": f'<{following}>; rel="next"'} if following else None
-        return json_response(
-            {"patients": page["patients"], "next": following}, headers=headers
+        return _page_response(request, "patients", page)
+
+    @route(
+        "POST",
+        "/patients/<patient_id>/appointment-requests",
+        action="request-appointment",
+        body=True,
+    )
+    def http_request_appointment(self, request, user, body, patient_id):
+        auth.check_own_record(user, patient_id)
+        key = _scoped_key(user, request.headers.get("Idempotency-Key"))
+        made = appointments.request_appointment(
+            self.db.session, patient_id, body, self.caller, key
         )
+        made = self.forward_new_request(made)
+        location = f"/appointment-requests/{made['request_id']}"
+        return json_response(made, 202, {"Location": location})
+
+    @route(
+        "GET",
+        "/patients/<patient_id>/appointment-requests",
+        action="read-appointments",
+    )
+    def http_list_appointment_requests(self, request, user, patient_id):
+        auth.check_own_record(user, patient_id)
+        page = appointments.list_appointment_requests(
+            self.db.session,
+            patient_id,
+            request.args.get("status"),
+            _count(request.args.get("count", 20)),
+            request.args.get("cursor"),
+        )
+        return _page_response(request, "appointment_requests", page)
+
+    @route("GET", "/appointment-requests/<request_id>", action="read-appointments")
+    def http_get_appointment_request(self, request, user, request_id):
+        found = self._own_appointment_request(user, request_id)
+        return json_response(found)
+
+    @route(
+        "POST",
+        "/appointment-requests/<request_id>/cancel",
+        action="cancel-appointment",
+    )
+    def http_cancel_appointment_request(self, request, user, request_id):
+        self._own_appointment_request(user, request_id)
+        cancelled = appointments.cancel_appointment_request(
+            self.db.session, request_id, self.caller
+        )
+        return json_response(cancelled)
+
+    def _own_appointment_request(self, user, request_id):
+        found = appointments.get_appointment_request(self.db.session, request_id)
+        auth.check_own_record(
+            user, found["patient_id"], missing=AppointmentRequestNotFound
+        )
+        return found
 
     @route("GET", "/health")
     def http_health(self, request):
@@ -83,6 +135,18 @@ def _patient_response(stored, status=200, location=False):
     if location:
         headers["Location"] = f"/patients/{stored['id']}"
     return json_response(stored, status, headers)
+
+
+def _count(count):
+    """A page size from the query string; anything but digits is left for
+    the core to refuse."""
+    return int(count) if _COUNT.fullmatch(str(count)) else count
+
+
+def _page_response(request, name, page):
+    following = _next_link(request, page["next_cursor"])
+    headers = {"Link": f'<{following}>; rel="next"'} if following else None
+    return json_response({name: page[name], "next": following}, headers=headers)
 
 
 def _if_match(request):

@@ -47,6 +47,9 @@ MAY = {
     "read": {PATIENT, CLINICIAN, ADMIN},
     "update": {PATIENT, CLINICIAN, ADMIN},
     "deactivate": {ADMIN},
+    "request-appointment": {PATIENT, CLINICIAN, ADMIN},
+    "read-appointments": {PATIENT, CLINICIAN, ADMIN},
+    "cancel-appointment": {PATIENT, CLINICIAN, ADMIN},
 }
 
 _SUBJECT = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,200}")
@@ -159,11 +162,11 @@ def authorize(principal, action):
         raise Forbidden()
 
 
-def check_own_record(principal, patient_id):
+def check_own_record(principal, patient_id, missing=PatientNotFound):
     """A caller limited to their own record is told that any other record
-    does not exist."""
+    (or another patient's appointment request) does not exist."""
     if principal.own_record_only and not _same_id(principal.patient_id, patient_id):
-        raise PatientNotFound()
+        raise missing()
 
 
 def restrict_search(principal, criteria):

@@ -10,7 +10,15 @@ from marshmallow import Schema, fields
 
 from patient import problems
 from patient.problems import STATUS
-from patient.schemas import IdentifierField, SearchCriteria, SearchRequest, StringOrList
+from patient.schemas import (
+    AppointmentRequestView,
+    IdentifierField,
+    ListAppointmentRequests,
+    NewAppointmentRequest,
+    SearchCriteria,
+    SearchRequest,
+    StringOrList,
+)
 from patient.web import JSON_TYPES
 
 VERSION = "1.0.0"
@@ -81,18 +89,22 @@ class Health(Schema):
     )
 
 
-PATIENT_REF = "#/components/schemas/Patient"
-SEARCH_PAGE = {
-    "type": "object",
-    "required": ["patients", "next"],
-    "properties": {
-        "patients": {"type": "array", "items": {"$ref": PATIENT_REF}},
-        "next": {
-            "type": ["string", "null"],
-            "description": "the next page (also in the Link header), null on the last",
+def _page(name, component):
+    return {
+        "type": "object",
+        "required": [name, "next"],
+        "properties": {
+            name: {
+                "type": "array",
+                "items": {"$ref": f"#/components/schemas/{component}"},
+            },
+            "next": {
+                "type": ["string", "null"],
+                "description": "the next page (also in the Link header), null"
+                " on the last",
+            },
         },
-    },
-}
+    }
 
 
 PATIENT_ID = {
@@ -101,6 +113,7 @@ PATIENT_ID = {
     "required": True,
     "schema": {"type": "string"},
 }
+REQUEST_ID = {**PATIENT_ID, "name": "request_id"}
 IF_MATCH = {
     "in": "header",
     "name": "If-Match",
@@ -182,6 +195,55 @@ OPERATIONS = [
         (*PROTECTED, 400, 404, 412),
     ),
     (
+        "post",
+        "/patients/{patient_id}/appointment-requests",
+        {
+            "operationId": "requestAppointment",
+            "summary": "Ask for an appointment; it is forwarded to the Queue"
+            " Service at once or, if that is down, as soon as it is back",
+            "parameters": [PATIENT_ID, IDEMPOTENCY_KEY],
+            "requestBody": "NewAppointmentRequest",
+            "responses": {202: "appointment-accepted"},
+        },
+        (*PROTECTED, *WITH_BODY, 404, 409),
+    ),
+    (
+        "get",
+        "/patients/{patient_id}/appointment-requests",
+        {
+            "operationId": "listAppointmentRequests",
+            "summary": "A patient's appointment requests, newest first",
+            "parameters": [
+                PATIENT_ID,
+                {"in": "query", "schema": ListAppointmentRequests},
+            ],
+            "responses": {200: "appointment-page"},
+        },
+        (*PROTECTED, 400, 404),
+    ),
+    (
+        "get",
+        "/appointment-requests/{request_id}",
+        {
+            "operationId": "getAppointmentRequest",
+            "summary": "An appointment request, with its ticket once queued",
+            "parameters": [REQUEST_ID],
+            "responses": {200: "appointment"},
+        },
+        (*PROTECTED, 404),
+    ),
+    (
+        "post",
+        "/appointment-requests/{request_id}/cancel",
+        {
+            "operationId": "cancelAppointmentRequest",
+            "summary": "Cancel an appointment request, at the Queue Service too",
+            "parameters": [REQUEST_ID],
+            "responses": {200: "appointment"},
+        },
+        (*PROTECTED, 404, 409),
+    ),
+    (
         "get",
         "/health",
         {
@@ -223,6 +285,23 @@ def _success(kind):
         return {
             "description": "a page of patients, in a stable order",
             "content": {"application/json": {"schema": "SearchPage"}},
+        }
+    if kind == "appointment-accepted":
+        return {
+            "description": "taken: pending, or forwarded already; or the first"
+            " answer to this key",
+            "headers": {"Location": ETAG},
+            "content": {"application/json": {"schema": "AppointmentRequest"}},
+        }
+    if kind == "appointment":
+        return {
+            "description": "the appointment request",
+            "content": {"application/json": {"schema": "AppointmentRequest"}},
+        }
+    if kind == "appointment-page":
+        return {
+            "description": "a page of appointment requests",
+            "content": {"application/json": {"schema": "AppointmentRequestPage"}},
         }
     if kind == "health":
         return {
@@ -276,7 +355,11 @@ def document():
         "bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     )
     spec.components.schema("Patient", PATIENT)
-    spec.components.schema("SearchPage", SEARCH_PAGE)
+    spec.components.schema("SearchPage", _page("patients", "Patient"))
+    spec.components.schema("AppointmentRequest", schema=AppointmentRequestView)
+    spec.components.schema(
+        "AppointmentRequestPage", _page("appointment_requests", "AppointmentRequest")
+    )
     spec.components.response("MethodNotAllowed", _problem_response(405))
 
     for method, path, operation, errors in OPERATIONS:
@@ -287,10 +370,16 @@ def document():
         }
         for status in errors:
             responses[str(status)] = _problem_response(status)
-        if operation.pop("requestBody", None):
+        body = operation.pop("requestBody", None)
+        if body == "patient":
             operation["requestBody"] = {
                 "required": True,
                 "content": {media: {"schema": "Patient"} for media in JSON_TYPES},
+            }
+        elif body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": NewAppointmentRequest}},
             }
         spec.path(path=path, operations={method: {**operation, "responses": responses}})
     return spec.to_dict()

@@ -19,6 +19,7 @@ from patient.problems import AuthNotConfigured, Unauthenticated
 from patient.service import PatientService
 from tests.factories import patient
 from tests.http_client import TOKEN_SETTINGS, ApiClient, free_port, token
+from tests.test_appointments import video_visit
 from tests.test_http import CLINICIAN, assert_problem, register
 
 
@@ -31,7 +32,13 @@ def alice(api):
 
 @pytest.fixture
 def bob(api):
-    return register(api).json()
+    stored = register(api).json()
+    made = api.post(
+        f"/patients/{stored['id']}/appointment-requests",
+        as_=CLINICIAN,
+        json=video_visit(),
+    )
+    return {**stored, "request_id": made.json()["request_id"]}
 
 
 def _segment(data):
@@ -120,6 +127,16 @@ ROUTES = {
     "read": ("GET", "/patients/{id}", False),
     "update": ("PUT", "/patients/{id}", True),
     "deactivate": ("POST", "/patients/{id}/deactivate", False),
+    "request-appointment": ("POST", "/patients/{id}/appointment-requests", True),
+    "list-appointments": ("GET", "/patients/{id}/appointment-requests", False),
+    "read-appointment": ("GET", "/appointment-requests/{request_id}", False),
+    "cancel-appointment": ("POST", "/appointment-requests/{request_id}/cancel", False),
+}
+APPOINTMENTS = {
+    "request-appointment": 202,
+    "list-appointments": 200,
+    "read-appointment": 200,
+    "cancel-appointment": 200,
 }
 EXPECTED = {
     "patient": {
@@ -128,6 +145,7 @@ EXPECTED = {
         "read": 404,
         "update": 404,
         "deactivate": 403,
+        **{route: 404 for route in APPOINTMENTS},
     },
     "clinician": {
         "register": 201,
@@ -135,6 +153,7 @@ EXPECTED = {
         "read": 200,
         "update": 200,
         "deactivate": 403,
+        **APPOINTMENTS,
     },
     "admin": {
         "register": 201,
@@ -142,6 +161,7 @@ EXPECTED = {
         "read": 200,
         "update": 200,
         "deactivate": 200,
+        **APPOINTMENTS,
     },
     "none": {route: 403 for route in ROUTES},
 }
@@ -158,13 +178,17 @@ def test_each_role_against_each_route(api, alice, bob, role, route):
         "none": token("receptionist"),
     }[role]
     method, path, with_body = ROUTES[route]
-    body = {**bob, "gender": "other"} if route == "update" else patient()
+    body = {
+        "update": {**bob, "gender": "other"},
+        "request-appointment": video_visit(),
+    }.get(route, patient())
+    resource = {k: v for k, v in body.items() if k != "request_id"}
 
     response = api.request(
         method,
-        path.format(id=bob["id"]),
+        path.format(id=bob["id"], request_id=bob["request_id"]),
         as_=credentials,
-        json=body if with_body else None,
+        json=resource if with_body else None,
         headers={"If-Match": 'W/"1"'} if route == "update" else None,
     )
 
