@@ -24,6 +24,12 @@ def register(api, resource=None, as_=CLINICIAN, **kwargs):
     return api.post("/patients", as_=as_, json=resource or patient(), **kwargs)
 
 
+def registered_patient(api, sub):
+    """A patient registered by a clinician, and a token for that patient."""
+    stored = register(api).json()
+    return stored, token("patient", sub=sub, patient_id=stored["id"])
+
+
 def assert_problem(response, status, code):
     assert response.status_code == status, response.text
     assert response.headers["Content-Type"] == PROBLEM

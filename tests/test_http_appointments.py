@@ -10,19 +10,23 @@ from tests.conftest import wait_for
 from tests.factories import patient
 from tests.http_client import token
 from tests.test_appointments import soon, video_visit
-from tests.test_http import ADMIN, CLINICIAN, assert_problem, register
+from tests.test_http import (
+    ADMIN,
+    CLINICIAN,
+    assert_problem,
+    register,
+    registered_patient,
+)
 
 
 @pytest.fixture
 def alice(api):
-    stored = register(api).json()
-    return stored, token("patient", sub="alice", patient_id=stored["id"])
+    return registered_patient(api, "alice")
 
 
 @pytest.fixture
 def bob(api):
-    stored = register(api).json()
-    return stored, token("patient", sub="bob", patient_id=stored["id"])
+    return registered_patient(api, "bob")
 
 
 def ask(api, who, body=None, **kwargs):

@@ -20,14 +20,12 @@ from patient.service import PatientService
 from tests.factories import patient
 from tests.http_client import TOKEN_SETTINGS, ApiClient, free_port, token
 from tests.test_appointments import video_visit
-from tests.test_http import CLINICIAN, assert_problem, register
+from tests.test_http import CLINICIAN, assert_problem, register, registered_patient
 
 
 @pytest.fixture
 def alice(api):
-    """A registered patient and a token for her."""
-    stored = register(api).json()
-    return stored, token("patient", sub="alice", patient_id=stored["id"])
+    return registered_patient(api, "alice")
 
 
 @pytest.fixture
