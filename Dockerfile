@@ -21,5 +21,6 @@ COPY scripts/lib.sh scripts/serve scripts/
 COPY patient/ patient/
 
 USER patient
+EXPOSE 8000
 
 ENTRYPOINT ["scripts/serve"]
