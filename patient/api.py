@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 from patient import appointments, auth, openapi, records, search
 from patient.errors import AppointmentRequestNotFound, InvalidRequest
 from patient.problems import PreconditionRequired, etag
-from patient.web import json_response, route
+from patient.web import FHIR_JSON, JSON, json_response, route
 
 _ENTITY_TAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*')
 _COUNT = re.compile(r"[0-9]{1,9}")
@@ -16,7 +16,7 @@ PAGE_PARAMETERS = ("count", "cursor")
 
 
 class PatientApi:
-    @route("POST", "/patients", action="register", body=True)
+    @route("POST", "/patients", action="register", body=FHIR_JSON)
     def http_register_patient(self, request, user, body):
         key = _scoped_key(user, request.headers.get("Idempotency-Key"))
         stored = records.register_patient(
@@ -29,7 +29,7 @@ class PatientApi:
         auth.check_own_record(user, patient_id)
         return _patient_response(records.get_patient(self.db.session, patient_id))
 
-    @route("PUT", "/patients/<patient_id>", action="update", body=True)
+    @route("PUT", "/patients/<patient_id>", action="update", body=FHIR_JSON)
     def http_update_patient(self, request, user, body, patient_id):
         auth.check_own_record(user, patient_id)
         version = _if_match(request)
@@ -68,7 +68,7 @@ class PatientApi:
         "POST",
         "/patients/<patient_id>/appointment-requests",
         action="request-appointment",
-        body=True,
+        body=JSON,
     )
     def http_request_appointment(self, request, user, body, patient_id):
         auth.check_own_record(user, patient_id)

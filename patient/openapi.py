@@ -19,7 +19,7 @@ from patient.schemas import (
     SearchRequest,
     StringOrList,
 )
-from patient.web import JSON_TYPES
+from patient.web import FHIR_JSON
 
 VERSION = "1.0.0"
 
@@ -374,7 +374,7 @@ def document():
         if body == "patient":
             operation["requestBody"] = {
                 "required": True,
-                "content": {media: {"schema": "Patient"} for media in JSON_TYPES},
+                "content": {media: {"schema": "Patient"} for media in FHIR_JSON},
             }
         elif body is not None:
             operation["requestBody"] = {

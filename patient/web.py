@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:8000"
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-JSON_TYPES = ("application/json", "application/fhir+json")
+JSON = ("application/json",)
+FHIR_JSON = ("application/json", "application/fhir+json")
 
 
 class PatientWsgiApp(WsgiApp):
@@ -104,11 +105,12 @@ class PatientWebServer(WebServer):
 class PatientHttp(HttpRequestHandler):
     """An HTTP route. With an ``action``, the caller must hold a token whose
     roles may do it; the worker gets the ``user`` (a ``Principal``). With
-    ``body``, the worker gets the parsed JSON ``body``."""
+    ``body`` (the media types it accepts), the worker gets the parsed JSON
+    ``body``."""
 
     server = PatientWebServer()
 
-    def __init__(self, method, url, action=None, body=False, **kwargs):
+    def __init__(self, method, url, action=None, body=(), **kwargs):
         super().__init__(method, url, **kwargs)
         self.action = action
         self.body = body
@@ -124,7 +126,8 @@ class PatientHttp(HttpRequestHandler):
                 authorize(user, self.action)
                 kwargs["user"] = user
             if self.body:
-                kwargs["body"] = read_json(request, self.server.max_body_bytes)
+                limit = self.server.max_body_bytes
+                kwargs["body"] = read_json(request, self.body, limit)
             return self._run_worker(request, kwargs)
         except HTTP_ERRORS as exc:
             return problem(exc, reveal_holder=user is None or not user.own_record_only)
@@ -148,7 +151,7 @@ class PatientHttp(HttpRequestHandler):
         return event.wait()
 
 
-def route(method, url, action=None, body=False):
+def route(method, url, action=None, body=()):
     """An HTTP route on the service: ``guarded`` as every RPC method is."""
 
     def decorate(function):
@@ -159,13 +162,13 @@ def route(method, url, action=None, body=False):
     return decorate
 
 
-def read_json(request, limit):
+def read_json(request, media_types, limit):
     """The request's JSON body, refused unread when it is over ``limit``
     bytes or not JSON in UTF-8, and refused with duplicate keys (parsers
     disagree on which one wins)."""
     charset = request.mimetype_params.get("charset", "utf-8").lower()
-    if request.mimetype not in JSON_TYPES or charset != "utf-8":
-        raise UnsupportedMediaType(JSON_TYPES)
+    if request.mimetype not in media_types or charset != "utf-8":
+        raise UnsupportedMediaType(media_types)
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(limit)
     data = _read_at_most(_body_stream(request), limit + 1)

@@ -387,3 +387,13 @@ def test_a_chunked_body_within_the_limit_is_read_whole(api):
     )
 
     assert response.status_code == 201
+
+
+def test_head_answers_as_get_without_a_body(api):
+    stored = register(api).json()
+
+    response = api.request("HEAD", f"/patients/{stored['id']}", as_=CLINICIAN)
+
+    assert response.status_code == 200
+    assert response.headers["ETag"] == 'W/"1"'
+    assert response.content == b""

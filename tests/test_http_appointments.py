@@ -165,3 +165,16 @@ def test_a_failed_request_cannot_be_cancelled(api, alice, db):
     response = api.post(f"/appointment-requests/{made['request_id']}/cancel", as_=ADMIN)
 
     assert_problem(response, 409, "appointment-not-cancellable")
+
+
+def test_an_appointment_request_in_fhir_json_is_415(api, alice):
+    stored, credentials = alice
+
+    response = api.post(
+        f"/patients/{stored['id']}/appointment-requests",
+        as_=credentials,
+        data='{"reason": "cough", "modality": "video"}',
+        headers={"Content-Type": "application/fhir+json"},
+    )
+
+    assert_problem(response, 415, "unsupported-media-type")
