@@ -6,6 +6,7 @@ import logging
 import time
 from functools import partial
 
+import eventlet
 from eventlet import wsgi
 from eventlet.event import Event
 from nameko.web.handlers import HttpRequestHandler
@@ -85,6 +86,16 @@ class PatientWebServer(WebServer):
         self.max_body_bytes = int(
             config.get("MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES
         )
+
+    def start(self):
+        # Nameko's start, but without SO_REUSEPORT: with it, a second
+        # process on the same port would share the traffic instead of failing.
+        if not self._starting:
+            self._starting = True
+            self._sock = eventlet.listen(self.bind_addr, reuse_port=False)
+            self._sock.settimeout(None)
+            self._serv = self.get_wsgi_server(self._sock, self.get_wsgi_app())
+            self._gt = self.container.spawn_managed_thread(self.run)
 
     def get_wsgi_app(self):
         return PatientWsgiApp(self)

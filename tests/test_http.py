@@ -7,10 +7,12 @@ import re
 import uuid
 
 import pytest
+from nameko.containers import ServiceContainer
 from sqlalchemy import select
 
 from patient import records
 from patient.models import AuditEvent
+from patient.service import PatientService
 from patient.web import PatientHttp
 from tests.factories import patient
 from tests.http_client import token
@@ -397,3 +399,15 @@ def test_head_answers_as_get_without_a_body(api):
     assert response.status_code == 200
     assert response.headers["ETag"] == 'W/"1"'
     assert response.content == b""
+
+
+def test_a_second_service_on_the_same_port_fails_to_start(config, running_service):
+    class SecondService(PatientService):
+        name = "patient_service_second"
+
+    uris = {"patient_service_second:Base": config["DB_URIS"]["patient_service:Base"]}
+    container = ServiceContainer(SecondService, {**config, "DB_URIS": uris})
+
+    with pytest.raises(OSError):
+        container.start()
+    container.kill()
