@@ -31,6 +31,9 @@ ALGORITHMS = ("HS256", "RS256")
 # RFC 7518 asks for an HMAC key at least as long as the hash.
 MIN_SECRET_BYTES = 32
 MAX_TOKEN_CHARS = 4096
+# The gateway's clock may run a little ahead or behind: a token issued "in
+# the future" by a few seconds is good, one expired this long ago is not.
+CLOCK_SKEW_S = 30
 GATEWAY = "gateway"
 DEFAULT_AUDIENCE = "patient-service"
 DEFAULT_ISSUER = "api-gateway"
@@ -90,6 +93,7 @@ class TokenVerifier:
                 algorithms=[self.algorithm],
                 audience=self.audience,
                 issuer=self.issuer,
+                leeway=CLOCK_SKEW_S,
                 options={"require": ["exp", "aud", "iss", "sub"]},
             )
         except jwt.PyJWTError as exc:

@@ -271,6 +271,16 @@ def test_without_a_usable_key_no_token_is_accepted(settings):
             verifier.principal(f"Bearer {credentials}")
 
 
+def test_a_clock_a_little_ahead_or_behind_is_tolerated():
+    now = int(time.time())
+    secret = TOKEN_SETTINGS["JWT_SECRET"]
+    ahead = jwt.encode(claims(iat=now + 10, nbf=now + 10), secret, "HS256")
+    behind = jwt.encode(claims(exp=now - 10), secret, "HS256")
+
+    for credentials in (ahead, behind):
+        assert _verifier().principal(f"Bearer {credentials}").subject == "mallory"
+
+
 @pytest.fixture(scope="module")
 def rsa_keys(tmp_path_factory):
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
