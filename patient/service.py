@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta
 from nameko.dependency_providers import Config
 from nameko.timer import timer
 
-from patient import appointments, health, outbox, records, relay, search
-from patient.api import PatientApi
+# The module, not the class: `nameko run` would take a class with
+# entrypoints found here for a service of its own.
+from patient import api, appointments, health, outbox, records, relay, search
 from patient.db import PatientDatabase
 from patient.dependencies import CallerProvider, rpc, setting_timer
 from patient.models import Base
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 PURGE_INTERVAL_S = 3600
 
 
-class PatientService(PatientApi):
+class PatientService(api.PatientApi):
     """RPC methods here; the HTTP routes come from ``PatientApi``."""
 
     name = "patient_service"

@@ -7,6 +7,7 @@ import re
 import uuid
 
 import pytest
+from nameko.cli.run import import_service
 from nameko.containers import ServiceContainer
 from sqlalchemy import select
 
@@ -411,3 +412,7 @@ def test_a_second_service_on_the_same_port_fails_to_start(config, running_servic
     with pytest.raises(OSError):
         container.start()
     container.kill()
+
+
+def test_nameko_run_finds_the_one_service_in_its_module():
+    assert import_service("patient.service") == [PatientService]
