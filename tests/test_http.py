@@ -12,7 +12,9 @@ from nameko.containers import ServiceContainer
 from sqlalchemy import select
 
 from patient import records
+from patient.errors import EXPECTED_ERRORS, InternalError
 from patient.models import AuditEvent
+from patient.problems import STATUS
 from patient.service import PatientService
 from patient.web import PatientHttp
 from tests.factories import patient
@@ -416,3 +418,12 @@ def test_a_second_service_on_the_same_port_fails_to_start(config, running_servic
 
 def test_nameko_run_finds_the_one_service_in_its_module():
     assert import_service("patient.service") == [PatientService]
+
+
+def test_every_error_a_caller_can_get_has_one_http_status():
+    service_errors = {*EXPECTED_ERRORS, InternalError}
+
+    assert service_errors <= set(STATUS)
+    assert all(400 <= status < 600 for status, _ in STATUS.values())
+    codes = [error.code for error in STATUS]
+    assert len(codes) == len(set(codes)), "codes are stable and distinct"
