@@ -91,17 +91,11 @@ class PatientService(api.PatientApi):
     def forward_new_request(self, made):
         """Forward a request right after its commit (RPC and HTTP alike); the
         outbox relay retries what this does not get through."""
-        if made["status"] == appointments.PENDING:
-            relay.forward_now(
-                self.db.session,
-                self.queue_service,
-                self.forward_policy,
-                made["request_id"],
-            )
-            made = appointments.get_appointment_request(
-                self.db.session, made["request_id"]
-            )
-        return made
+        if made["status"] != appointments.PENDING:
+            return made
+        return relay.forward_now(
+            self.db.session, self.queue_service, self.forward_policy, made
+        )
 
     @rpc
     def get_appointment_request(self, request_id):
