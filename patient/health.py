@@ -9,6 +9,18 @@ from sqlalchemy import text
 from patient import outbox
 
 
+def report(session, amqp_uri, call_deadline_s, queue):
+    """What ``health()`` and ``GET /health`` answer."""
+    checks = {
+        # Half the call's deadline: health answers "down", not a timeout.
+        "database": database_status(session, min(2.0, call_deadline_s / 2)),
+        "broker": broker_status(amqp_uri),
+    }
+    # Never "down" for the Queue Service: requests wait in the outbox.
+    queue_service = queue_status(session, queue)
+    return {"status": overall(checks), **checks, "queue_service": queue_service}
+
+
 def database_status(session, timeout=2.0):
     started = time.perf_counter()
     try:

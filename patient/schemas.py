@@ -100,6 +100,9 @@ _name = Text(validate=validate.Length(min=1, max=100))
 
 
 class SearchCriteria(Schema):
+    # FHIR's _id: the patient's id. A patient's own search over HTTP is
+    # narrowed with it.
+    id_ = StringOrList(Text(validate=validate.Length(min=1, max=64)), data_key="_id")
     name = StringOrList(_name)
     family = StringOrList(_name)
     given = StringOrList(_name)
