@@ -5,7 +5,7 @@ import hashlib
 import re
 from urllib.parse import urlencode
 
-from patient import appointments, auth, openapi, records, search
+from patient import appointments, auth, idempotency, openapi, records, search
 from patient.errors import AppointmentRequestNotFound, InvalidRequest
 from patient.problems import PreconditionRequired, etag
 from patient.web import FHIR_JSON, JSON, json_response, route
@@ -35,6 +35,8 @@ class PatientApi:
         version = _if_match(request)
         if version is None:
             raise PreconditionRequired()
+        current = records.get_patient(self.db.session, patient_id)
+        auth.check_update(user, current, body)
         stored = records.update_patient(
             self.db.session, patient_id, body, version, self.caller, self.region
         )
@@ -123,6 +125,10 @@ class PatientApi:
     @route("GET", "/health")
     def http_health(self, request):
         report = self.health_report()
+        checked = request.tokens_checked
+        report["authentication"] = {"status": "up" if checked else "down"}
+        if not checked:
+            report["status"] = "down"
         return json_response(report, 200 if report["status"] == "ok" else 503)
 
     @route("GET", "/openapi.json")
@@ -155,7 +161,7 @@ def _if_match(request):
     if value is None:
         return None
     match = _ENTITY_TAG.fullmatch(value)
-    if match is None:
+    if match is None or not _COUNT.fullmatch(match.group(1)):
         raise InvalidRequest({"If-Match": ['must be one entity tag, W/"<version>"']})
     return match.group(1)
 
@@ -166,7 +172,11 @@ def _scoped_key(user, key):
     if not key:
         return key
     owner = hashlib.sha256(user.subject.encode()).hexdigest()[:16]
-    return f"http:{owner}:{key}"
+    scoped = f"http:{owner}:{key}"
+    if len(scoped) > idempotency.MAX_KEY_CHARS:
+        room = idempotency.MAX_KEY_CHARS - len(scoped) + len(key)
+        raise InvalidRequest({"Idempotency-Key": [f"must be 1 to {room} characters"]})
+    return scoped
 
 
 def _next_link(request, next_cursor):

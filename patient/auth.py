@@ -173,6 +173,26 @@ def check_own_record(principal, patient_id, missing=PatientNotFound):
         raise missing()
 
 
+# Elements that say who the patient is to the organisation: a patient may
+# not rewrite them, and only an admin may switch a record on or off.
+ASSIGNED = ("identifier", "link")
+
+
+def check_update(principal, current, new):
+    """A whole-resource update must not do what the caller's role may not:
+    (re)activating or deactivating is for admins (a record without
+    ``active`` is active), identifiers and links are not the patient's to
+    change."""
+    if ADMIN not in principal.roles and new.get("active", True) != current.get(
+        "active", True
+    ):
+        raise Forbidden("only an admin may change active")
+    if principal.own_record_only and any(
+        new.get(name) != current.get(name) for name in ASSIGNED
+    ):
+        raise Forbidden("a patient may not change identifier or link")
+
+
 def restrict_search(principal, criteria):
     """A caller limited to their own record finds at most that record."""
     if not principal.own_record_only:
@@ -217,17 +237,23 @@ def main(argv=None):
     parser.add_argument("--sub", required=True)
     parser.add_argument("--role", action="append", choices=ROLES, required=True)
     parser.add_argument("--patient-id")
-    parser.add_argument("--ttl", type=int, default=3600, help="seconds")
+    parser.add_argument(
+        "--ttl", type=int, default=3600, help="seconds (default: %(default)s)"
+    )
     parser.add_argument("--private-key", type=Path)
     args = parser.parse_args(argv)
 
+    if PATIENT in args.role and not args.patient_id:
+        parser.error("a patient's token needs --patient-id")
     config = {k: v for k, v in os.environ.items() if k.startswith("JWT_")}
     if (config.get("JWT_ALGORITHM") or "HS256") == "RS256":
         if args.private_key is None:
             parser.error("RS256 needs --private-key")
         key = args.private_key.read_text()
     else:
-        key = config.get("JWT_SECRET") or parser.error("set JWT_SECRET")
+        key = config.get("JWT_SECRET") or ""
+        if len(key.encode()) < MIN_SECRET_BYTES:
+            parser.error(f"set JWT_SECRET, at least {MIN_SECRET_BYTES} bytes")
     token = issue_token(key, args.sub, args.role, args.patient_id, args.ttl, config)
     sys.stdout.write(token + "\n")
 

@@ -83,6 +83,9 @@ class QueueCheck(Schema):
 
 class Health(Schema):
     status = fields.String(required=True, metadata={"enum": ["ok", "down"]})
+    authentication = fields.Nested(
+        Check, metadata={"description": "down: no usable token key configured"}
+    )
     database = fields.Nested(Check, required=True)
     broker = fields.Nested(Check, required=True)
     queue_service = fields.Nested(

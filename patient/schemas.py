@@ -129,6 +129,7 @@ MAX_REASON_CHARS = 2000
 # How far ahead a preferred window may start.
 MAX_LEAD_DAYS = 366
 MAX_WINDOW_DAYS = 31
+MIN_YEAR = 2000
 MIN_OFFSET, MAX_OFFSET = timedelta(hours=-12), timedelta(hours=14)
 
 
@@ -141,8 +142,8 @@ class UtcDateTime(fields.AwareDateTime):
         offset = moment.utcoffset()
         if not MIN_OFFSET <= offset <= MAX_OFFSET:
             raise ValidationError("has no real-world UTC offset")
-        this_year = datetime.now(UTC).year
-        if not this_year - 1 <= moment.year <= this_year + 2:
+        # Years the window rules below can judge without overflowing.
+        if not MIN_YEAR <= moment.year <= datetime.now(UTC).year + 2:
             raise ValidationError("is too far from today")
         return moment.astimezone(UTC)
 

@@ -14,6 +14,7 @@ from nameko.web.server import HttpOnlyProtocol, WebServer, WsgiApp, parse_addres
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from werkzeug.routing import RequestRedirect
 from werkzeug.wrappers import Request, Response
 
 from patient.auth import TokenVerifier, authorize
@@ -54,8 +55,11 @@ class PatientWsgiApp(WsgiApp):
             response = problem(RouteNotFound())
         except WerkzeugMethodNotAllowed as exc:
             response = problem(MethodNotAllowed(exc.valid_methods or ()))
+        except RequestRedirect:
+            # Werkzeug would redirect (a doubled or trailing slash) to the
+            # Host the caller named, query and all: no such route instead.
+            response = problem(RouteNotFound())
         except HTTPException as exc:
-            # Werkzeug's redirects, e.g. to drop a trailing slash.
             response = exc.get_response(environ)
         except Exception as exc:
             response = problem(internal_error("http request", exc))
@@ -100,17 +104,31 @@ class PatientWebServer(WebServer):
     def get_wsgi_app(self):
         return PatientWsgiApp(self)
 
-    def get_wsgi_server(self, sock, wsgi_app, protocol=HttpOnlyProtocol, debug=False):
+    def get_wsgi_server(self, sock, wsgi_app, protocol=None, debug=False):
         # eventlet's access log holds the query string, search criteria and
         # all; PatientWsgiApp logs each request without it.
+        timeout = float(self.container.config.get("HTTP_SOCKET_TIMEOUT_S", 30))
         return wsgi.Server(
             sock,
             sock.getsockname(),
             wsgi_app,
-            protocol=protocol,
+            protocol=protocol or QuietProtocol,
             log=logging.getLogger("nameko.web.server"),
             log_output=False,
+            # A client that stops sending (a slow body, half the headers)
+            # loses its connection instead of holding it for ever.
+            socket_timeout=timeout,
         )
+
+
+class QuietProtocol(HttpOnlyProtocol):
+    """eventlet's protocol, without http.server's own log: on a request it
+    refuses (a malformed request line, an oversized header) that log writes
+    the raw request line, search criteria and all, to stderr."""
+
+    def log_message(self, format, *args):
+        code = args[0] if args and isinstance(args[0], int) else "?"
+        log.info("refused a malformed HTTP request (%s)", code)
 
 
 class PatientHttp(HttpRequestHandler):
@@ -128,6 +146,8 @@ class PatientHttp(HttpRequestHandler):
 
     def handle_request(self, request):
         request.shallow = False
+        # For /health: a service that cannot check tokens serves nothing.
+        request.tokens_checked = self.server.verifier.key is not None
         user = None
         try:
             kwargs = dict(request.path_values)

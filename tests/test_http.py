@@ -4,6 +4,7 @@ headers, and every error status as problem details."""
 import json
 import logging
 import re
+import socket
 import uuid
 
 import pytest
@@ -161,6 +162,53 @@ def test_a_malformed_if_match_is_400(api):
 
     body = assert_problem(response, 400, "invalid-request")
     assert list(body["errors"]) == ["If-Match"]
+
+
+def test_an_if_match_that_names_no_version_is_400_on_the_header(api):
+    stored = register(api).json()
+
+    response = api.put(
+        f"/patients/{stored['id']}",
+        as_=CLINICIAN,
+        json=stored,
+        headers={"If-Match": '"abc"'},
+    )
+
+    body = assert_problem(response, 400, "invalid-request")
+    assert list(body["errors"]) == ["If-Match"]
+
+
+def test_an_idempotency_key_too_long_is_400_on_the_header(api):
+    response = register(api, headers={"Idempotency-Key": "k" * 234})
+
+    body = assert_problem(response, 400, "invalid-request")
+    assert list(body["errors"]) == ["Idempotency-Key"]
+
+
+def test_a_doubled_slash_is_no_route_never_a_redirect(api):
+    stored = register(api).json()
+
+    response = api.get(
+        f"/patients//{stored['id']}?family=secret",
+        as_=CLINICIAN,
+        headers={"Host": "elsewhere.example"},
+        allow_redirects=False,
+    )
+
+    assert_problem(response, 404, "not-found")
+    assert "Location" not in response.headers
+
+
+def test_a_malformed_request_line_never_reaches_a_log(api, caplog, capfd):
+    host, port = api.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /patients?family=Leakfamily HTTP/9.9\r\nHost: x\r\n\r\n")
+        answer = sock.recv(65536)
+
+    assert b"505" in answer  # refused
+    out, err = capfd.readouterr()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Leakfamily" not in out + err + logged
 
 
 def test_an_invalid_patient_is_400_with_errors_per_field(api):

@@ -20,7 +20,13 @@ from patient.service import PatientService
 from tests.factories import patient
 from tests.http_client import TOKEN_SETTINGS, ApiClient, free_port, token
 from tests.test_appointments import video_visit
-from tests.test_http import CLINICIAN, assert_problem, register, registered_patient
+from tests.test_http import (
+    ADMIN,
+    CLINICIAN,
+    assert_problem,
+    register,
+    registered_patient,
+)
 
 
 @pytest.fixture
@@ -228,19 +234,56 @@ def test_a_patient_search_finds_only_their_own_record(api, alice, bob):
     assert by_id.json() == {"patients": [], "next": None}
 
 
-def test_a_patient_never_learns_who_holds_an_identifier(api, alice, bob):
+def test_a_patient_may_not_rewrite_identifiers_nor_learn_who_holds_one(api, alice, bob):
     stored, alices_token = alice
 
+    for changed in (
+        {"identifier": bob["identifier"]},
+        {"identifier": [{"system": "urn:test:mrn", "value": "SELF-CHOSEN"}]},
+        {"link": [{"other": {"reference": f"Patient/{bob['id']}"}, "type": "seealso"}]},
+    ):
+        response = api.put(
+            f"/patients/{stored['id']}",
+            as_=alices_token,
+            json={**stored, **changed},
+            headers={"If-Match": 'W/"1"'},
+        )
+        assert_problem(response, 403, "forbidden")
+        assert bob["id"] not in response.text
+
+
+@pytest.mark.parametrize("role", ["patient", "clinician"])
+def test_only_an_admin_switches_a_record_on_or_off_even_by_update(api, alice, role):
+    stored, alices_token = alice
+    as_ = alices_token if role == "patient" else CLINICIAN
+    path = f"/patients/{stored['id']}"
+
+    off = api.put(
+        path, as_=as_, json={**stored, "active": False}, headers={"If-Match": 'W/"1"'}
+    )
+    assert_problem(off, 403, "forbidden")
+
+    api.post(f"{path}/deactivate", as_=ADMIN)
+    current = api.get(path, as_=ADMIN).json()
+    back_on = api.put(
+        path, as_=as_, json={**current, "active": True}, headers={"If-Match": 'W/"2"'}
+    )
+    assert_problem(back_on, 403, "forbidden")
+    assert api.get(path, as_=ADMIN).json()["active"] is False
+
+
+def test_an_admin_may_reactivate_by_update(api, alice):
+    stored, _ = alice
+    path = f"/patients/{stored['id']}"
+    api.post(f"{path}/deactivate", as_=ADMIN)
+    current = api.get(path, as_=ADMIN).json()
+
     response = api.put(
-        f"/patients/{stored['id']}",
-        as_=alices_token,
-        json={**stored, "identifier": bob["identifier"]},
-        headers={"If-Match": 'W/"1"'},
+        path, as_=ADMIN, json={**current, "active": True}, headers={"If-Match": 'W/"2"'}
     )
 
-    body = assert_problem(response, 409, "duplicate-patient")
-    assert "existing_id" not in body
-    assert bob["id"] not in response.text
+    assert response.status_code == 200
+    assert response.json()["active"] is True
 
 
 def test_health_and_the_document_need_no_token(api):
@@ -331,8 +374,10 @@ def unconfigured_api(config, clean_db):
     container.stop()
 
 
-def test_a_service_without_a_key_answers_503_and_stays_healthy(unconfigured_api):
+def test_a_service_without_a_key_answers_503_and_health_says_so(unconfigured_api):
     response = unconfigured_api.get("/patients", as_=unsigned())
+    health = unconfigured_api.get("/health")
 
     assert_problem(response, 503, "authentication-unavailable")
-    assert unconfigured_api.get("/health").status_code == 200
+    assert health.status_code == 503
+    assert health.json()["authentication"] == {"status": "down"}
