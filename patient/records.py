@@ -32,6 +32,7 @@ from patient.models import (
     IdempotencyRecord,
     Patient,
     PatientIdentifier,
+    PatientNamePrefix,
     PatientNameToken,
     PatientTelecom,
 )
@@ -156,7 +157,7 @@ def _register(
                     return REPLAYED, replay
             session.execute(
                 insert(Patient),
-                [_patient_row(patient_id, 1, stored, now, keys, created_at=now)],
+                [patient_row(patient_id, 1, stored, now, keys, created_at=now)],
             )
             _write_search_keys(session, patient_id, keys)
             _audit(session, patient_id, "create", 1, now, caller)
@@ -417,7 +418,8 @@ def _with_server_fields(resource, patient_id, version, now):
     return stored
 
 
-def _patient_row(patient_id, version, stored, now, keys, created_at=None):
+def patient_row(patient_id, version, stored, now, keys, created_at=None):
+    """The ``patients`` row of a stored resource and its search keys."""
     row = {
         "id": patient_id,
         "version": version,
@@ -433,37 +435,46 @@ def _patient_row(patient_id, version, stored, now, keys, created_at=None):
     return row
 
 
+SEARCH_KEY_TABLES = (
+    PatientIdentifier,
+    PatientNameToken,
+    PatientNamePrefix,
+    PatientTelecom,
+)
+
+
+def search_key_rows(patient_id, keys):
+    """The rows of each table of ``SEARCH_KEY_TABLES`` for a patient's
+    search keys, in that order."""
+    return (
+        [
+            {"patient_id": patient_id, "system": s, "value": v}
+            for s, v in keys.identifiers
+        ],
+        [
+            {"patient_id": patient_id, "part": p, "token": t}
+            for p, t in keys.name_tokens
+        ],
+        [
+            {"patient_id": patient_id, "parameter": p, "prefix": x}
+            for p, x in keys.name_prefixes
+        ],
+        [{"patient_id": patient_id, "system": s, "key": k} for s, k in keys.telecoms],
+    )
+
+
 def _write_search_keys(session, patient_id, keys):
-    if keys.identifiers:
-        session.execute(
-            insert(PatientIdentifier),
-            [
-                {"patient_id": patient_id, "system": s, "value": v}
-                for s, v in keys.identifiers
-            ],
-        )
-    if keys.name_tokens:
-        session.execute(
-            insert(PatientNameToken),
-            [
-                {"patient_id": patient_id, "part": p, "token": t}
-                for p, t in keys.name_tokens
-            ],
-        )
-    if keys.telecoms:
-        session.execute(
-            insert(PatientTelecom),
-            [
-                {"patient_id": patient_id, "system": s, "key": k}
-                for s, k in keys.telecoms
-            ],
-        )
+    for table, rows in zip(
+        SEARCH_KEY_TABLES, search_key_rows(patient_id, keys), strict=True
+    ):
+        if rows:
+            session.execute(insert(table), rows)
 
 
 def _replace(session, patient_id, version, stored, now, keys):
-    row = _patient_row(patient_id, version, stored, now, keys)
+    row = patient_row(patient_id, version, stored, now, keys)
     session.execute(update(Patient).where(Patient.id == patient_id).values(**row))
-    for table in (PatientIdentifier, PatientNameToken, PatientTelecom):
+    for table in SEARCH_KEY_TABLES:
         session.execute(delete(table).where(table.patient_id == patient_id))
     _write_search_keys(session, patient_id, keys)
 

@@ -15,16 +15,23 @@ from marshmallow import ValidationError
 from sqlalchemy import and_, exists, or_, select
 
 from patient.errors import InvalidSearch
-from patient.index import email_key, fold_query, phone_search_keys
-from patient.models import Patient, PatientIdentifier, PatientNameToken, PatientTelecom
+from patient.index import (
+    NAME_SEARCH_PARTS,
+    PREFIX_CHARS,
+    email_key,
+    fold_query,
+    phone_search_keys,
+)
+from patient.models import (
+    Patient,
+    PatientIdentifier,
+    PatientNamePrefix,
+    PatientNameToken,
+    PatientTelecom,
+)
 from patient.partialdate import date_range
 from patient.schemas import DATE_PREFIXES, SearchCriteria, SearchRequest
 
-NAME_SEARCH_PARTS = {
-    "name": ("family", "given", "prefix", "suffix", "text"),
-    "family": ("family",),
-    "given": ("given",),
-}
 _DATE_PARAM = re.compile(r"^([a-z]{2})?(\d{4}(?:-\d{2}(?:-\d{2})?)?)$")
 
 
@@ -106,14 +113,27 @@ def _conditions(parsed, region):
 
 
 def _name_condition(param, value, parts):
+    """The stored prefix finds the patients of a short prefix in id order;
+    a longer one also needs a token that starts with all of it, and the
+    planner reads whichever of the two is narrower first."""
     prefix = fold_query(value)
     if not prefix:
         raise InvalidSearch({param: ["must contain a letter or digit"]})
+    head = exists().where(
+        PatientNamePrefix.patient_id == Patient.id,
+        PatientNamePrefix.parameter == param,
+        PatientNamePrefix.prefix == prefix[:PREFIX_CHARS],
+    )
+    if len(prefix) <= PREFIX_CHARS:
+        return head
     pattern = _escape_like(prefix) + "%"
-    return exists().where(
-        PatientNameToken.patient_id == Patient.id,
-        PatientNameToken.part.in_(parts),
-        PatientNameToken.token.like(pattern, escape="\\"),
+    return and_(
+        head,
+        exists().where(
+            PatientNameToken.patient_id == Patient.id,
+            PatientNameToken.part.in_(parts),
+            PatientNameToken.token.like(pattern, escape="\\"),
+        ),
     )
 
 

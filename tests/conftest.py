@@ -37,6 +37,7 @@ RABBIT_URI = os.environ.get("TEST_AMQP_BASE_URI", "amqp://guest:guest@127.0.0.1:
 TABLES = (
     "patient_identifiers",
     "patient_name_tokens",
+    "patient_name_prefixes",
     "patient_telecoms",
     "idempotency_records",
     "audit_events",
