@@ -36,6 +36,21 @@ _DATE_PARAM = re.compile(r"^([a-z]{2})?(\d{4}(?:-\d{2}(?:-\d{2})?)?)$")
 
 
 def search_patients(session, criteria, count=20, cursor=None, region=None):
+    query, limit, fingerprint = search_query(criteria, count, cursor, region)
+    rows = session.execute(query).all()
+
+    # Known shortcoming: "more" rests on one row read ahead. If that row
+    # stops matching before the next page is asked for, the next page is
+    # empty. A cursor that holds the search's snapshot (or re-checks the
+    # read-ahead row) would close the gap.
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = _make_cursor(page[-1].id, fingerprint) if more else None
+    return {"patients": [row.resource for row in page], "next_cursor": next_cursor}
+
+
+def search_query(criteria, count=20, cursor=None, region=None):
+    """The statement a search runs, with one row read ahead; its limit (the
+    page size) and the fingerprint cursors carry. Raises ``InvalidSearch``."""
     request = _load(
         SearchRequest(), {"criteria": criteria, "count": count, "cursor": cursor}
     )
@@ -51,15 +66,7 @@ def search_patients(session, criteria, count=20, cursor=None, region=None):
     if after is not None:
         query = query.where(Patient.id > after)
     limit = request["count"]
-    rows = session.execute(query.order_by(Patient.id).limit(limit + 1)).all()
-
-    # Known shortcoming: "more" rests on one row read ahead. If that row
-    # stops matching before the next page is asked for, the next page is
-    # empty. A cursor that holds the search's snapshot (or re-checks the
-    # read-ahead row) would close the gap.
-    page, more = rows[:limit], len(rows) > limit
-    next_cursor = _make_cursor(page[-1].id, fingerprint) if more else None
-    return {"patients": [row.resource for row in page], "next_cursor": next_cursor}
+    return query.order_by(Patient.id).limit(limit + 1), limit, fingerprint
 
 
 def _load(schema, data):
