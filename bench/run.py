@@ -91,9 +91,9 @@ def _parser():
         "--seconds", type=float, default=5.0, help="timed per call and callers"
     )
     parser.add_argument("--db-base", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--db-prefix", default="patient_bench")
+    parser.add_argument("--db-prefix", default="bench")
     parser.add_argument("--amqp-base", default="amqp://guest:guest@127.0.0.1:5672")
-    parser.add_argument("--vhost", default="patient_bench")
+    parser.add_argument("--vhost", default="bench_patient_service")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--raw", help="also write every figure as JSON here")
     parser.add_argument(
