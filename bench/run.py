@@ -60,8 +60,8 @@ CALL_TIMEOUT_S = 30
 def main(argv=None):
     args = _parser().parse_args(argv)
     vhost = args.vhost
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     results = {"machine": _machine(), "started": _now(), "runs": [], "plans": {}}
     try:
         for label in args.sizes:
@@ -72,13 +72,13 @@ def main(argv=None):
                 run = _measure(args, label, db_uri, vhost, processes)
                 results["runs"].append(run)
     finally:
-        _rabbitmqctl("delete_vhost", vhost)
+        rabbitmqctl("delete_vhost", vhost)
     results["finished"] = _now()
     results["load_end"] = os.getloadavg()
     results["versions"] = _versions(args)
     if args.raw:
         Path(args.raw).write_text(json.dumps(results, indent=1, default=str))
-    _write_markdown(Path(args.output), _markdown(results))
+    write_markdown(Path(args.output), _markdown(results))
     print(f"wrote {args.output}")
 
 
@@ -108,7 +108,7 @@ def _parser():
 def _measure(args, label, db_uri, vhost, processes):
     amqp_uri = f"{args.amqp_base}/{vhost}"
     started = datetime.now(UTC)
-    services = _start_services(db_uri, amqp_uri, processes, vhost)
+    services = start_services(db_uri, amqp_uri, processes, vhost)
     config = {"AMQP_URI": amqp_uri}
     run = {"size": label, "processes": processes, "calls": [], "errors": {}}
     print(f"{label}, {processes} process(es), load {os.getloadavg()[0]:.2f}")
@@ -123,10 +123,10 @@ def _measure(args, label, db_uri, vhost, processes):
                 if args.only and name not in args.only and name != "ping":
                     continue
                 for count in args.callers:
-                    figure = _time(callers[:count], make, args.seconds)
+                    figure = time_calls(callers[:count], make, args.seconds)
                     figure.update(call=name, callers=count)
                     run["calls"].append(figure)
-                    print(f"  {name:<28} {count:>2}: {_summary(figure)}")
+                    print(f"  {name:<28} {count:>2}: {summary(figure)}")
         finally:
             for proxy in proxies:
                 proxy.stop()
@@ -136,12 +136,12 @@ def _measure(args, label, db_uri, vhost, processes):
         run["load_end"] = os.getloadavg()
         run["memory"] = [_memory(s.pid) for s in services]
     finally:
-        _stop_services(services)
+        stop_services(services)
         _remove_written(db_uri, started)
     return run
 
 
-def _time(callers, make, seconds):
+def time_calls(callers, make, seconds):
     """Every caller calls in a loop for ``seconds``; latencies in ms."""
     latencies, failures = [], collections.Counter()
     deadline = time.monotonic() + seconds + 0.5
@@ -181,7 +181,7 @@ def _percentile(values, p):
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def _summary(figure):
+def summary(figure):
     failed = f", failures {figure['failures']}" if figure["failures"] else ""
     return (
         f"{figure['rate']:7.0f}/s median {figure['median']:.2f} ms"
@@ -337,9 +337,10 @@ def _method(name):
 # --- the service processes ------------------------------------------------
 
 
-def _start_services(db_uri, amqp_uri, processes, vhost):
+def start_services(db_uri, amqp_uri, processes, vhost, **settings):
     env = {
         **os.environ,
+        **settings,
         "DB_URI": db_uri,
         "AMQP_URI": amqp_uri,
         "LOG_LEVEL": "WARNING",
@@ -357,14 +358,14 @@ def _start_services(db_uri, amqp_uri, processes, vhost):
     deadline = time.monotonic() + 60
     while _consumers(vhost) < processes:
         if time.monotonic() > deadline or any(s.poll() is not None for s in services):
-            _stop_services(services)
+            stop_services(services)
             sys.exit("the service did not start; see its output above")
         time.sleep(0.5)
     return services
 
 
 def _consumers(vhost):
-    out = _rabbitmqctl("list_queues", "-p", vhost, "name", "consumers")
+    out = rabbitmqctl("list_queues", "-p", vhost, "name", "consumers")
     for line in out.splitlines():
         name, _, count = line.partition("\t")
         if name == "rpc-patient_service":
@@ -372,7 +373,7 @@ def _consumers(vhost):
     return 0
 
 
-def _stop_services(services):
+def stop_services(services):
     for service in services:
         if service.poll() is None:
             service.send_signal(signal.SIGTERM)
@@ -389,7 +390,7 @@ def _memory(pid):
     return {key: int(value) / 1024 for key, value in fields.items()}
 
 
-def _rabbitmqctl(*args):
+def rabbitmqctl(*args):
     return subprocess.run(  # noqa: S603 - fixed command, our arguments
         ["rabbitmqctl", "-q", *args],  # noqa: S607 - on PATH with RabbitMQ
         check=True,
@@ -606,11 +607,13 @@ def _now():
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _write_markdown(path, generated):
+def write_markdown(path, generated, start=START, end=END):
+    """Put ``generated`` (which begins with ``start`` and ends with ``end``)
+    in place of the file's part between those markers."""
     text = path.read_text("utf-8") if path.exists() else ""
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + generated + rest.split(END, 1)[1]
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + generated + rest.split(end, 1)[1]
     else:
         text = f"# Benchmarks\n\n{generated}\n{text}"
     path.parent.mkdir(exist_ok=True)

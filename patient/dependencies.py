@@ -35,6 +35,7 @@ from patient.errors import (
     PatientServiceError,
     ServiceUnavailable,
 )
+from patient.settings import flag
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,9 @@ class Replier:
         config = self.config
         publisher = Publisher(
             config[AMQP_URI_CONFIG_KEY],
-            use_confirms=_flag(config.get("RPC_REPLY_CONFIRMS", False)),
+            use_confirms=flag(config.get("RPC_REPLY_CONFIRMS", False)),
             delivery_mode=PERSISTENT
-            if _flag(config.get("RPC_REPLY_PERSISTENT", False))
+            if flag(config.get("RPC_REPLY_PERSISTENT", False))
             else NON_PERSISTENT,
             ssl=config.get(AMQP_SSL_CONFIG_KEY),
             login_method=config.get(LOGIN_METHOD_CONFIG_KEY),
@@ -176,13 +177,6 @@ class Replier:
             correlation_id=self.message.properties.get("correlation_id"),
         )
         return result, exc_info
-
-
-def _flag(value):
-    """A setting read as YAML (true) or as text from the environment."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 class PatientRpc(Rpc):

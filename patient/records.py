@@ -17,6 +17,7 @@ from sqlalchemy import delete, insert, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
+from patient.db import read_only
 from patient.errors import (
     DuplicatePatient,
     IdempotencyKeyReused,
@@ -171,8 +172,13 @@ def _register(
 
 
 def get_patient(session, patient_id):
-    row = _find(session, patient_id)
-    return row.resource
+    key = _patient_uuid(patient_id)
+    read_only(session)
+    query = select(Patient.resource).where(Patient.id == key)
+    resource = session.execute(query).scalar_one_or_none() if key else None
+    if resource is None:
+        raise PatientNotFound(str(key) if key else "")
+    return resource
 
 
 def find_patient_by_identifier(session, system, value):
@@ -181,6 +187,7 @@ def find_patient_by_identifier(session, system, value):
             raise InvalidRequest({name: ["must be a string of 1 to 4096 characters"]})
         if is_unsafe(given):
             raise InvalidRequest({name: [UNSAFE_MESSAGE]})
+    read_only(session)
     resource = session.execute(
         select(Patient.resource)
         .join(PatientIdentifier, PatientIdentifier.patient_id == Patient.id)

@@ -14,6 +14,7 @@ import uuid
 from marshmallow import ValidationError
 from sqlalchemy import and_, exists, or_, select
 
+from patient.db import read_only
 from patient.errors import InvalidSearch
 from patient.index import (
     NAME_SEARCH_PARTS,
@@ -37,6 +38,7 @@ _DATE_PARAM = re.compile(r"^([a-z]{2})?(\d{4}(?:-\d{2}(?:-\d{2})?)?)$")
 
 def search_patients(session, criteria, count=20, cursor=None, region=None):
     query, limit, fingerprint = search_query(criteria, count, cursor, region)
+    read_only(session)
     rows = session.execute(query).all()
 
     # Known shortcoming: "more" rests on one row read ahead. If that row
