@@ -97,6 +97,12 @@ def _parser():
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--raw", help="also write every figure as JSON here")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="parts each call is timed in, each after as long a part of ping",
+    )
+    parser.add_argument(
         "--only", nargs="+", help="time only these calls (and ping), for profiling"
     )
     return parser
@@ -119,11 +125,18 @@ def _measure(args, label, db_uri, vhost, processes):
         callers = [proxy.start().patient_service for proxy in proxies]
         try:
             work.prepare_updates(callers)
-            for name, make in work.calls():
+            calls = dict(work.calls())
+            for name, make in calls.items():
                 if args.only and name not in args.only and name != "ping":
                     continue
                 for count in args.callers:
-                    figure = time_calls(callers[:count], make, args.seconds)
+                    figure = time_calls(
+                        callers[:count],
+                        make,
+                        args.seconds,
+                        rounds=args.rounds,
+                        paired=calls["ping"] if name != "ping" else None,
+                    )
                     figure.update(call=name, callers=count)
                     run["calls"].append(figure)
                     print(f"  {name:<28} {count:>2}: {summary(figure)}")
@@ -141,11 +154,27 @@ def _measure(args, label, db_uri, vhost, processes):
     return run
 
 
-def time_calls(callers, make, seconds):
-    """Every caller calls in a loop for ``seconds``; latencies in ms."""
-    latencies, failures = [], collections.Counter()
-    deadline = time.monotonic() + seconds + 0.5
+def time_calls(callers, make, seconds, rounds=1, paired=None):
+    """Every caller calls in a loop for ``seconds`` (after half a second
+    not counted); latencies in ms. In ``rounds`` parts, each after an equal
+    part of ``paired``, when given: both then meet the same load, however
+    the rest of the machine's load drifts during the run."""
+    runs = {"call": ([], collections.Counter())}
+    if paired is not None:
+        runs["paired"] = ([], collections.Counter())
+    for _ in range(rounds):
+        if paired is not None:
+            _loop(callers, paired, seconds / rounds, *runs["paired"])
+        _loop(callers, make, seconds / rounds, *runs["call"])
+    figure = _figure(*runs["call"], seconds)
+    if paired is not None:
+        figure["paired"] = _figure(*runs["paired"], seconds)
+    return figure
+
+
+def _loop(callers, make, seconds, latencies, failures):
     warm_until = time.monotonic() + 0.5
+    deadline = warm_until + seconds
 
     def caller(index, proxy):
         rng = random.Random(index)
@@ -164,6 +193,9 @@ def time_calls(callers, make, seconds):
     for index, proxy in enumerate(callers):
         pool.spawn(caller, index, proxy)
     pool.waitall()
+
+
+def _figure(latencies, failures, seconds):
     latencies.sort()
     return {
         "rate": len(latencies) / seconds,
@@ -186,6 +218,7 @@ def summary(figure):
     return (
         f"{figure['rate']:7.0f}/s median {figure['median']:.2f} ms"
         f" p95 {figure['p95']:.2f} p99 {figure['p99']:.2f}{failed}"
+        + (f" (ping {figure['paired']['median']:.2f})" if "paired" in figure else "")
     )
 
 
@@ -361,6 +394,7 @@ def start_services(db_uri, amqp_uri, processes, vhost, **settings):
             stop_services(services)
             sys.exit("the service did not start; see its output above")
         time.sleep(0.5)
+    print(f"  service pids {' '.join(str(s.pid) for s in services)}", flush=True)
     return services
 
 
@@ -523,7 +557,10 @@ def _markdown(results):
         "seen by the caller. *× ping* is the rate as a share of `ping`'s rate "
         "at the same callers; *median × ping* the median over `ping`'s; "
         f"*× floor* the median over the {PHYSICAL_FLOOR_MS} ms a read through "
-        "the bus costs at the least on this machine.",
+        "the bus costs at the least on this machine. Each call is timed in "
+        "rounds, each after a round of `ping` as long; the ratios are to "
+        "that `ping`, which met the same load (its median is in the *ping* "
+        "column), and the `ping` rows are timed alone.",
     ]
     for run in results["runs"]:
         lines += _run_table(run)
@@ -557,12 +594,12 @@ def _run_table(run):
         f"{_load(run['load_end'])} after. Service memory: {memory}.",
         "",
         "| call | callers | calls/s | × ping | median | p95 | p99 "
-        "| median × ping | × floor |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| ping | median × ping | p95 × ping median | × floor |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     pings = {f["callers"]: f for f in run["calls"] if f["call"] == "ping"}
     for figure in run["calls"]:
-        ping = pings[figure["callers"]]
+        ping = figure.get("paired") or pings[figure["callers"]]
         failed = (
             f" ({sum(figure['failures'].values())} failed)"
             if figure["failures"]
@@ -572,7 +609,8 @@ def _run_table(run):
             f"| {figure['call']}{failed} | {figure['callers']} "
             f"| {figure['rate']:,.0f} | {figure['rate'] / ping['rate']:.2f} "
             f"| {figure['median']:.2f} | {figure['p95']:.2f} | {figure['p99']:.2f} "
-            f"| {figure['median'] / ping['median']:.2f} "
+            f"| {ping['median']:.2f} | {figure['median'] / ping['median']:.2f} "
+            f"| {figure['p95'] / ping['median']:.2f} "
             f"| {figure['median'] / PHYSICAL_FLOOR_MS:.1f} |"
         )
     if "import" in run:

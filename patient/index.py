@@ -23,8 +23,9 @@ NAME_SEARCH_PARTS = {
 MAX_TOKEN_CHARS = 200
 # Every token's first one to PREFIX_CHARS characters are kept per search
 # parameter, one row per patient: a short prefix, which matches many
-# patients, is then read in patient order from one index range.
-PREFIX_CHARS = 3
+# patients, is then read in patient order from one index range, and the
+# planner knows how many it matches. Longer prefixes match few.
+PREFIX_CHARS = 5
 
 # Kana voicing marks change the sound, not an accent: they stay.
 _KEPT_MARKS = {"\u3099", "\u309a"}

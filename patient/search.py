@@ -62,13 +62,21 @@ def search_query(criteria, count=20, cursor=None, region=None):
     fingerprint = _fingerprint(parsed)
     after = _read_cursor(request["cursor"], fingerprint)
 
-    query = select(Patient.id, Patient.resource)
+    # The page's ids first, then their resources: the plan then reads the
+    # resources of one page only, not of every match it sorts.
+    ids = select(Patient.id)
     for condition in _conditions(parsed, region):
-        query = query.where(condition)
+        ids = ids.where(condition)
     if after is not None:
-        query = query.where(Patient.id > after)
+        ids = ids.where(Patient.id > after)
     limit = request["count"]
-    return query.order_by(Patient.id).limit(limit + 1), limit, fingerprint
+    page = ids.order_by(Patient.id).limit(limit + 1).subquery()
+    query = (
+        select(Patient.id, Patient.resource)
+        .join(page, Patient.id == page.c.id)
+        .order_by(Patient.id)
+    )
+    return query, limit, fingerprint
 
 
 def _load(schema, data):
@@ -122,27 +130,22 @@ def _conditions(parsed, region):
 
 
 def _name_condition(param, value, parts):
-    """The stored prefix finds the patients of a short prefix in id order;
-    a longer one also needs a token that starts with all of it, and the
-    planner reads whichever of the two is narrower first."""
+    """A short prefix is a stored one, whose patients come in id order; a
+    longer one is a range of tokens, which matches few."""
     prefix = fold_query(value)
     if not prefix:
         raise InvalidSearch({param: ["must contain a letter or digit"]})
-    head = exists().where(
-        PatientNamePrefix.patient_id == Patient.id,
-        PatientNamePrefix.parameter == param,
-        PatientNamePrefix.prefix == prefix[:PREFIX_CHARS],
-    )
     if len(prefix) <= PREFIX_CHARS:
-        return head
+        return exists().where(
+            PatientNamePrefix.patient_id == Patient.id,
+            PatientNamePrefix.parameter == param,
+            PatientNamePrefix.prefix == prefix,
+        )
     pattern = _escape_like(prefix) + "%"
-    return and_(
-        head,
-        exists().where(
-            PatientNameToken.patient_id == Patient.id,
-            PatientNameToken.part.in_(parts),
-            PatientNameToken.token.like(pattern, escape="\\"),
-        ),
+    return exists().where(
+        PatientNameToken.patient_id == Patient.id,
+        PatientNameToken.part.in_(parts),
+        PatientNameToken.token.like(pattern, escape="\\"),
     )
 
 
@@ -163,7 +166,9 @@ def _birthdate_condition(value):
         raise InvalidSearch({"birthdate": ["is not a valid date"]}) from None
 
     low, high = Patient.birth_date_start, Patient.birth_date_end
-    within = and_(low >= start, high <= end)
+    # A stored range starts before it ends, so "low <= end" adds nothing but
+    # the upper bound an index range on the start needs.
+    within = and_(low >= start, low <= end, high <= end)
     return {
         None: within,
         "eq": within,

@@ -17,7 +17,7 @@ branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
 # patient.index.PREFIX_CHARS and NAME_SEARCH_PARTS when this was written.
-PREFIX_CHARS = 3
+PREFIX_CHARS = 5
 
 
 def upgrade() -> None:
