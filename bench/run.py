@@ -154,7 +154,7 @@ def _measure(args, label, db_uri, vhost, processes):
     return run
 
 
-def time_calls(callers, make, seconds, rounds=1, paired=None):
+def time_calls(callers, make, seconds, rounds=1, paired=None, keep=False):
     """Every caller calls in a loop for ``seconds`` (after half a second
     not counted); latencies in ms. In ``rounds`` parts, each after an equal
     part of ``paired``, when given: both then meet the same load, however
@@ -166,9 +166,11 @@ def time_calls(callers, make, seconds, rounds=1, paired=None):
         if paired is not None:
             _loop(callers, paired, seconds / rounds, *runs["paired"])
         _loop(callers, make, seconds / rounds, *runs["call"])
-    figure = _figure(*runs["call"], seconds)
+    figure = figure_of(*runs["call"], seconds)
     if paired is not None:
-        figure["paired"] = _figure(*runs["paired"], seconds)
+        figure["paired"] = figure_of(*runs["paired"], seconds)
+    if keep:
+        figure["latencies"] = runs["call"][0]
     return figure
 
 
@@ -195,7 +197,7 @@ def _loop(callers, make, seconds, latencies, failures):
     pool.waitall()
 
 
-def _figure(latencies, failures, seconds):
+def figure_of(latencies, failures=(), seconds=1.0):
     latencies.sort()
     return {
         "rate": len(latencies) / seconds,
