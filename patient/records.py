@@ -234,17 +234,8 @@ class _Batch:
     def _holders(self, entries):
         """The patient holding each enforced identifier of the batch, the
         longest-held first, as ``_duplicate`` names them."""
-        wanted = set()
-        for entry in entries:
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            identifiers = (
-                resource.get("identifier") if isinstance(resource, dict) else None
-            )
-            for identifier in identifiers if isinstance(identifiers, list) else ():
-                if isinstance(identifier, dict):
-                    pair = (identifier.get("system"), identifier.get("value"))
-                    if all(isinstance(part, str) and part for part in pair):
-                        wanted.add(pair)
+        resources = [e.get("resource") for e in entries if isinstance(e, dict)]
+        wanted = {pair for pair in _identifiers(resources) if all(pair)}
         if not wanted:
             return {}
         found = self.session.execute(
@@ -508,14 +499,20 @@ def _lock_keys(resources, keys):
     """Advisory lock numbers for the identifiers of ``resources`` and the
     idempotency ``keys``: the rows whose inserts could wait on each other."""
     names = {f"k|{scope}|{key}" for scope, key in keys if isinstance(key, str)}
+    names.update(f"i|{system}|{value}" for system, value in _identifiers(resources))
+    return sorted(_lock_number(name) for name in names)
+
+
+def _identifiers(resources):
+    """(system, value) of every identifier with both, in resources not yet
+    validated."""
     for resource in resources:
         identifiers = resource.get("identifier") if isinstance(resource, dict) else None
         for identifier in identifiers if isinstance(identifiers, list) else ():
             if isinstance(identifier, dict):
                 system, value = identifier.get("system"), identifier.get("value")
                 if isinstance(system, str) and isinstance(value, str):
-                    names.add(f"i|{system}|{value}")
-    return sorted(_lock_number(name) for name in names)
+                    yield system, value
 
 
 def _lock_number(name):
