@@ -68,8 +68,8 @@ def register_patient(session, resource, caller, idempotency_key=None, region=Non
 
 
 def register_patients(session, entries, caller, region=None):
-    """Register many patients in one transaction, each under its own
-    savepoint; return a result for each entry, in order.
+    """Register many patients in one transaction, each entry refused or
+    stored on its own; return a result for each entry, in order.
 
     An entry is ``{"resource": {...}, "idempotency_key": "..."}``. A result is
     ``{"status": "created" | "replayed", "id", "versionId"}`` or
@@ -161,7 +161,7 @@ class _Batch:
             if identifier in self.holders
         ]
         if held:
-            order, holder, system = min(held)
+            _, holder, system = min(held)
             log.info("refused a duplicate of patient %s", holder)
             raise DuplicatePatient(str(holder), system)
 

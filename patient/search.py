@@ -56,9 +56,7 @@ def search_patients(session, criteria, count=20, cursor=None, region=None):
 def search_query(criteria, count=20, cursor=None, region=None):
     """The statement a search runs, with one row read ahead; its limit (the
     page size) and the fingerprint cursors carry. Raises ``InvalidSearch``."""
-    request = _load(
-        _REQUEST, {"criteria": criteria, "count": count, "cursor": cursor}
-    )
+    request = _load(_REQUEST, {"criteria": criteria, "count": count, "cursor": cursor})
     if not isinstance(criteria, dict):
         raise InvalidSearch({"criteria": ["must be a mapping"]})
     parsed = _load(_CRITERIA, criteria)
