@@ -128,8 +128,24 @@ def _markdown(rows):
         lines.append(
             f"| {_yes(r_confirms)} | {_yes(r_persistent)} | {_yes(q_confirms)} "
             f"| {_yes(mode == 2)} | {ping['median']:.2f} ms | {ping['rate']:,.0f} "
-            f"| {read['median']:.2f} ms | {-saved:+.2f} ms |"
+            f"| {read['median']:.2f} ms | {saved and -saved:+.2f} ms |"
         )
+    lines += [
+        "",
+        "What each option costs `ping`, on average over the other options:",
+        "",
+    ]
+    options = (
+        ("reply confirms", lambda reply, req: reply[0]),
+        ("reply persistent", lambda reply, req: reply[1]),
+        ("request confirms", lambda reply, req: req[0]),
+        ("request persistent", lambda reply, req: req[1] == 2),
+    )
+    for name, chosen in options:
+        on = [f["ping"]["median"] for reply, req, f in rows if chosen(reply, req)]
+        off = [f["ping"]["median"] for reply, req, f in rows if not chosen(reply, req)]
+        cost = sum(on) / len(on) - sum(off) / len(off)
+        lines.append(f"- {name}: {cost:+.2f} ms")
     lines.append(END)
     return "\n".join(lines)
 
