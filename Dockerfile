@@ -19,7 +19,10 @@ COPY alembic.ini config.yml ./
 COPY migrations/ migrations/
 COPY scripts/lib.sh scripts/serve scripts/
 COPY patient/ patient/
+COPY queue_standin/ queue_standin/
+RUN mkdir -p /var/lib/queue-standin && chown patient:patient /var/lib/queue-standin
 
 USER patient
+EXPOSE 8000
 
 ENTRYPOINT ["scripts/serve"]

@@ -1,7 +1,9 @@
 """Wire formats of the service's own requests (not the FHIR resource, which
 ``patient.fhir`` checks)."""
 
-from marshmallow import Schema, ValidationError, fields, validate
+from datetime import UTC, datetime, timedelta
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from patient.text import UNSAFE_MESSAGE, is_unsafe
 
@@ -98,6 +100,9 @@ _name = Text(validate=validate.Length(min=1, max=100))
 
 
 class SearchCriteria(Schema):
+    # FHIR's _id: the patient's id. A patient's own search over HTTP is
+    # narrowed with it.
+    id_ = StringOrList(Text(validate=validate.Length(min=1, max=64)), data_key="_id")
     name = StringOrList(_name)
     family = StringOrList(_name)
     given = StringOrList(_name)
@@ -115,3 +120,103 @@ class SearchRequest(Schema):
         strict=True, load_default=20, validate=validate.Range(min=1, max=100)
     )
     cursor = Text(load_default=None, allow_none=True, validate=validate.Length(max=200))
+
+
+PRIORITIES = ("routine", "urgent")
+MODALITIES = ("video", "phone", "in_person")
+REQUEST_STATUSES = ("pending", "forwarded", "cancelled", "failed")
+MAX_REASON_CHARS = 2000
+# How far ahead a preferred window may start.
+MAX_LEAD_DAYS = 366
+MAX_WINDOW_DAYS = 31
+MIN_OFFSET, MAX_OFFSET = timedelta(hours=-12), timedelta(hours=14)
+
+
+class UtcDateTime(fields.AwareDateTime):
+    """A date-time with a real-world UTC offset (-12:00 to +14:00), in a
+    year near ours, loaded as UTC."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        offset = moment.utcoffset()
+        if not MIN_OFFSET <= offset <= MAX_OFFSET:
+            raise ValidationError("has no real-world UTC offset")
+        this_year = datetime.now(UTC).year
+        if not this_year - 1 <= moment.year <= this_year + 2:
+            raise ValidationError("is too far from today")
+        return moment.astimezone(UTC)
+
+
+class PreferredWindow(Schema):
+    """When the patient would like the appointment: the start before the
+    end, within a month of it, within MAX_LEAD_DAYS from now, and the window
+    not over already."""
+
+    start = UtcDateTime(required=True)
+    end = UtcDateTime(required=True)
+
+    @validates_schema
+    def check_order(self, data, **kwargs):
+        now = datetime.now(UTC)
+        if data["start"] >= data["end"]:
+            raise ValidationError("must be before end", "start")
+        if data["end"] - data["start"] > timedelta(days=MAX_WINDOW_DAYS):
+            raise ValidationError(
+                f"must be at most {MAX_WINDOW_DAYS} days after start", "end"
+            )
+        if data["end"] <= now:
+            raise ValidationError("must not be in the past", "end")
+        if data["start"] > now + timedelta(days=MAX_LEAD_DAYS):
+            raise ValidationError(
+                f"must be within {MAX_LEAD_DAYS} days from now", "start"
+            )
+
+
+def _not_blank(text):
+    if not text.strip():
+        raise ValidationError("must not be blank")
+
+
+class NewAppointmentRequest(Schema):
+    """What a patient asks for; unknown fields are refused."""
+
+    reason = Text(
+        required=True,
+        validate=[validate.Length(min=1, max=MAX_REASON_CHARS), _not_blank],
+    )
+    priority = Text(load_default="routine", validate=validate.OneOf(PRIORITIES))
+    modality = Text(required=True, validate=validate.OneOf(MODALITIES))
+    preferred_window = fields.Nested(PreferredWindow, load_default=None)
+
+
+class ListAppointmentRequests(Schema):
+    status = Text(load_default=None, validate=validate.OneOf(REQUEST_STATUSES))
+    count = fields.Integer(
+        strict=True, load_default=20, validate=validate.Range(min=1, max=100)
+    )
+    cursor = Text(load_default=None, validate=validate.Length(max=200))
+
+
+class Ticket(Schema):
+    id = fields.String()
+    position = fields.Integer(allow_none=True)
+
+
+class AppointmentRequestView(Schema):
+    """An appointment request as callers get it."""
+
+    request_id = fields.UUID()
+    patient_id = fields.UUID()
+    status = fields.String(metadata={"enum": list(REQUEST_STATUSES)})
+    version = fields.String()
+    reason = fields.String()
+    priority = fields.String()
+    modality = fields.String()
+    preferred_window = fields.Nested(PreferredWindow, allow_none=True)
+    ticket = fields.Nested(Ticket, allow_none=True)
+    # For a cancelled request the Queue Service had: pending until it
+    # confirms, then confirmed (failed once the retries are spent).
+    cancellation = fields.String(allow_none=True)
+    failure_reason = fields.String(allow_none=True)
+    created_at = fields.AwareDateTime()
+    updated_at = fields.AwareDateTime()

@@ -1,5 +1,5 @@
-"""The ``patient_service`` Nameko service: a thin adapter from RPC calls to
-the plain modules that hold the rules."""
+"""The ``patient_service`` Nameko service: a thin adapter from RPC calls
+and HTTP requests to the plain modules that hold the rules."""
 
 import logging
 from datetime import UTC, datetime, timedelta
@@ -7,26 +7,36 @@ from datetime import UTC, datetime, timedelta
 from nameko.dependency_providers import Config
 from nameko.timer import timer
 
-from patient import health, records, search
+# The module, not the class: `nameko run` would take a class with
+# entrypoints found here for a service of its own.
+from patient import api, appointments, health, outbox, records, relay, search
 from patient.db import PatientDatabase
-from patient.dependencies import CallerProvider, rpc
+from patient.dependencies import CallerProvider, rpc, setting_timer
 from patient.models import Base
+from patient.queue import QueueServiceRpc
 
 log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 3600
 
 
-class PatientService:
+class PatientService(api.PatientApi):
+    """RPC methods here; the HTTP routes come from ``PatientApi``."""
+
     name = "patient_service"
 
     db = PatientDatabase(Base)
     caller = CallerProvider()
     config = Config()
+    queue_service = QueueServiceRpc()
 
     @property
     def region(self):
         return self.config.get("PHONE_REGION") or None
+
+    @property
+    def forward_policy(self):
+        return outbox.Policy.from_config(self.config)
 
     @rpc(sensitive_arguments=("patient",))
     def register_patient(self, patient, idempotency_key=None):
@@ -71,6 +81,47 @@ class PatientService:
             self.db.session, criteria, count, cursor, self.region
         )
 
+    @rpc(sensitive_arguments=("request",))
+    def request_appointment(self, patient_id, request, idempotency_key=None):
+        made = appointments.request_appointment(
+            self.db.session, patient_id, request, self.caller, idempotency_key
+        )
+        return self.forward_new_request(made)
+
+    def forward_new_request(self, made):
+        """Forward a request right after its commit (RPC and HTTP alike); the
+        outbox relay retries what this does not get through."""
+        if made["status"] != appointments.PENDING:
+            return made
+        return relay.forward_now(
+            self.db.session, self.queue_service, self.forward_policy, made
+        )
+
+    @rpc
+    def get_appointment_request(self, request_id):
+        return appointments.get_appointment_request(self.db.session, request_id)
+
+    @rpc
+    def list_appointment_requests(self, patient_id, status=None, count=20, cursor=None):
+        return appointments.list_appointment_requests(
+            self.db.session, patient_id, status, count, cursor
+        )
+
+    @rpc
+    def cancel_appointment_request(self, request_id):
+        return appointments.cancel_appointment_request(
+            self.db.session, request_id, self.caller
+        )
+
+    @setting_timer("OUTBOX_RELAY_INTERVAL_S", 1.0)
+    def relay_outbox(self):
+        """Forward what the Queue Service is still owed."""
+        try:
+            relay.relay_due(self.db.session, self.queue_service, self.forward_policy)
+        except Exception as exc:  # the next tick tries again
+            log.warning("outbox relay failed: %s", type(exc).__name__)
+            self.db.session.invalidate()
+
     @rpc
     def ping(self):
         """Touches nothing: the floor of an RPC round trip."""
@@ -78,13 +129,13 @@ class PatientService:
 
     @rpc
     def health(self):
+        return self.health_report()
+
+    def health_report(self):
         deadline = float(self.config.get("CALL_DEADLINE_S", 8))
-        checks = {
-            # Half the call's deadline: health answers "down", not a timeout.
-            "database": health.database_status(self.db.session, min(2.0, deadline / 2)),
-            "broker": health.broker_status(self.config["AMQP_URI"]),
-        }
-        return {"status": health.overall(checks), **checks}
+        return health.report(
+            self.db.session, self.config["AMQP_URI"], deadline, self.queue_service
+        )
 
     @timer(interval=PURGE_INTERVAL_S)
     def purge_delivery_records(self):

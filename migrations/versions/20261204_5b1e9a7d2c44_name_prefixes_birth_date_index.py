@@ -1,7 +1,7 @@
 """name prefixes per search parameter, index on birth dates
 
 Revision ID: 5b1e9a7d2c44
-Revises: cc0522f49c55
+Revises: 5d1e7a3b9c20
 Create Date: 2026-12-04 18:40:00.000000
 
 """
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision: str = '5b1e9a7d2c44'
-down_revision: Union[str, Sequence[str], None] = 'cc0522f49c55'
+down_revision: Union[str, Sequence[str], None] = '5d1e7a3b9c20'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
