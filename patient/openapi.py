@@ -74,6 +74,9 @@ class QueueCheck(Schema):
     status = fields.String(required=True, metadata={"enum": ["up", "degraded"]})
     circuit = fields.String(required=True)
     owed = fields.Integer(metadata={"description": "calls the outbox still owes"})
+    failing = fields.Integer(
+        metadata={"description": "calls owed that failed at least once"}
+    )
     oldest_s = fields.Float()
     backlog_error = fields.String()
 
