@@ -9,13 +9,21 @@ def record(session, action, caller, now, patient_id, version, request_id=None):
     """Write the audit row of a change, in the change's transaction."""
     session.execute(
         insert(AuditEvent).values(
-            patient_id=patient_id,
-            request_id=request_id,
-            action=action,
-            version=version,
-            occurred_at=now,
-            actor=caller.actor,
-            service=caller.service,
-            call_id=caller.call_id,
+            row(action, caller, now, patient_id, version, request_id)
         )
     )
+
+
+def row(action, caller, now, patient_id, version, request_id=None):
+    """The ``audit_events`` row of a change, for a caller writing many at
+    once: every row carries every column."""
+    return {
+        "patient_id": patient_id,
+        "request_id": request_id,
+        "action": action,
+        "version": version,
+        "occurred_at": now,
+        "actor": caller.actor,
+        "service": caller.service,
+        "call_id": caller.call_id,
+    }

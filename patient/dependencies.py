@@ -4,17 +4,27 @@ import functools
 import inspect
 import logging
 import re
+import sys
 import traceback
 import uuid
 
 import eventlet
+import kombu.serialization
 from amqp.exceptions import AMQPError
 from kombu.exceptions import OperationalError as KombuOperationalError
-from nameko.constants import CALL_ID_STACK_CONTEXT_KEY
-from nameko.exceptions import IncorrectSignature
+from nameko.amqp.publish import Publisher
+from nameko.constants import (
+    AMQP_SSL_CONFIG_KEY,
+    AMQP_URI_CONFIG_KEY,
+    CALL_ID_STACK_CONTEXT_KEY,
+    LOGIN_METHOD_CONFIG_KEY,
+    NON_PERSISTENT,
+    PERSISTENT,
+)
+from nameko.exceptions import IncorrectSignature, UnserializableValueError, serialize
 from nameko.extensions import DependencyProvider
 from nameko.messaging import QueueConsumer
-from nameko.rpc import Rpc, RpcConsumer
+from nameko.rpc import Rpc, RpcConsumer, get_rpc_exchange
 from nameko.timer import Timer
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -28,6 +38,7 @@ from patient.errors import (
     PatientServiceError,
     ServiceUnavailable,
 )
+from patient.settings import flag
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +119,67 @@ class GuardedRpcConsumer(RpcConsumer):
 
     def handle_result(self, message, result, exc_info):
         try:
-            return super().handle_result(message, result, exc_info)
+            replier = Replier(self.container.config, message)
+            result, exc_info = replier.send_response(result, exc_info)
+            self.queue_consumer.ack_message(message)
+            return result, exc_info
         except (OSError, AMQPError, KombuOperationalError) as exc:
             # Unacknowledged, the request comes back once the broker does,
             # and is answered from its first delivery.
             log.warning("could not answer a call: %s", type(exc).__name__)
             return result, exc_info
+
+
+class Replier:
+    """Publishes the answer to a call, as Nameko's ``Responder`` does, with
+    the service's reply options and the answer serialised once (Nameko
+    serialises it a second time to check that it can).
+
+    ``RPC_REPLY_CONFIRMS`` and ``RPC_REPLY_PERSISTENT`` (both off by default)
+    choose publisher confirms and persistent delivery for replies; the
+    reasons are in docs/benchmarks.md.
+    """
+
+    def __init__(self, config, message):
+        self.config = config
+        self.message = message
+
+    def send_response(self, result, exc_info):
+        error = serialize(exc_info[1]) if exc_info is not None else None
+        # The answer is encoded the way the request was.
+        content_type = self.message.properties["content_type"]
+        serializer = kombu.serialization.registry.type_to_name[content_type]
+        try:
+            encoded = kombu.serialization.dumps(
+                {"result": result, "error": error}, serializer
+            )
+        except Exception:
+            exc_info = sys.exc_info()
+            result, error = None, serialize(UnserializableValueError(result))
+            encoded = kombu.serialization.dumps(
+                {"result": None, "error": error}, serializer
+            )
+        content_type, content_encoding, body = encoded
+
+        config = self.config
+        publisher = Publisher(
+            config[AMQP_URI_CONFIG_KEY],
+            use_confirms=flag(config.get("RPC_REPLY_CONFIRMS", False)),
+            delivery_mode=PERSISTENT
+            if flag(config.get("RPC_REPLY_PERSISTENT", False))
+            else NON_PERSISTENT,
+            ssl=config.get(AMQP_SSL_CONFIG_KEY),
+            login_method=config.get(LOGIN_METHOD_CONFIG_KEY),
+        )
+        publisher.publish(
+            body,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            exchange=get_rpc_exchange(config),
+            routing_key=self.message.properties["reply_to"],
+            correlation_id=self.message.properties.get("correlation_id"),
+        )
+        return result, exc_info
 
 
 class PatientRpc(Rpc):

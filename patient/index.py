@@ -14,7 +14,18 @@ import phonenumbers
 from patient.partialdate import date_range
 
 NAME_PARTS = ("family", "given", "prefix", "suffix", "text")
+# The name search parameters and the parts of a name each one looks in.
+NAME_SEARCH_PARTS = {
+    "name": NAME_PARTS,
+    "family": ("family",),
+    "given": ("given",),
+}
 MAX_TOKEN_CHARS = 200
+# Every token's first one to PREFIX_CHARS characters are kept per search
+# parameter, one row per patient: a short prefix, which matches many
+# patients, is then read in patient order from one index range, and the
+# planner knows how many it matches. Longer prefixes match few.
+PREFIX_CHARS = 5
 
 # Kana voicing marks change the sound, not an accent: they stay.
 _KEPT_MARKS = {"\u3099", "\u309a"}
@@ -44,18 +55,21 @@ class SearchKeys:
     birth_date_end: date | None = None
     identifiers: list = field(default_factory=list)  # (system, value)
     name_tokens: list = field(default_factory=list)  # (part, token)
+    name_prefixes: list = field(default_factory=list)  # (parameter, prefix)
     telecoms: list = field(default_factory=list)  # (system, key)
 
 
 def search_keys(resource, default_region=None):
     birth = date_range(resource["birthDate"]) if "birthDate" in resource else None
+    tokens = name_tokens(resource)
     return SearchKeys(
         active=resource.get("active", True) is not False,
         gender=resource.get("gender"),
         birth_date_start=birth[0] if birth else None,
         birth_date_end=birth[1] if birth else None,
         identifiers=identifier_keys(resource),
-        name_tokens=name_tokens(resource),
+        name_tokens=tokens,
+        name_prefixes=name_prefixes(tokens),
         telecoms=telecom_keys(resource, default_region),
     )
 
@@ -98,6 +112,18 @@ def name_tokens(resource):
                 for token in _tokens(value):
                     tokens.setdefault((part, token), None)
     return list(tokens)
+
+
+def name_prefixes(tokens):
+    """(parameter, prefix) for each name search parameter a token answers,
+    each prefix of one to PREFIX_CHARS characters once."""
+    found = {}
+    for part, token in tokens:
+        for parameter, parts in NAME_SEARCH_PARTS.items():
+            if part in parts:
+                for end in range(1, min(len(token), PREFIX_CHARS) + 1):
+                    found.setdefault((parameter, token[:end]), None)
+    return list(found)
 
 
 def _tokens(value):

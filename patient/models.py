@@ -46,6 +46,10 @@ class Patient(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
+    __table_args__ = (
+        Index("ix_patients_birth_date", "birth_date_start", "birth_date_end"),
+    )
+
 
 class PatientIdentifier(Base):
     """Identifiers of the current version. Only those with a system and a
@@ -89,6 +93,22 @@ class PatientNameToken(Base):
         Index("ix_patient_name_tokens_part_token", "part", "token", "patient_id"),
         Index("ix_patient_name_tokens_patient_id", "patient_id"),
     )
+
+
+class PatientNamePrefix(Base):
+    """The first characters of name tokens, one row per search parameter,
+    prefix and patient: the index reads the patients of a short prefix in
+    patient order, without sorting every match."""
+
+    __tablename__ = "patient_name_prefixes"
+
+    parameter: Mapped[str] = mapped_column(String(8), primary_key=True)
+    prefix: Mapped[str] = mapped_column(Text(collation=C), primary_key=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("patients.id"), primary_key=True
+    )
+
+    __table_args__ = (Index("ix_patient_name_prefixes_patient_id", "patient_id"),)
 
 
 class PatientTelecom(Base):

@@ -14,37 +14,35 @@ import uuid
 from marshmallow import ValidationError
 from sqlalchemy import and_, exists, false, or_, select
 
+from patient.db import read_only
 from patient.errors import InvalidSearch
-from patient.index import email_key, fold_query, phone_search_keys
-from patient.models import Patient, PatientIdentifier, PatientNameToken, PatientTelecom
+from patient.index import (
+    NAME_SEARCH_PARTS,
+    PREFIX_CHARS,
+    email_key,
+    fold_query,
+    phone_search_keys,
+)
+from patient.models import (
+    Patient,
+    PatientIdentifier,
+    PatientNamePrefix,
+    PatientNameToken,
+    PatientTelecom,
+)
 from patient.partialdate import date_range
 from patient.schemas import DATE_PREFIXES, SearchCriteria, SearchRequest
 
-NAME_SEARCH_PARTS = {
-    "name": ("family", "given", "prefix", "suffix", "text"),
-    "family": ("family",),
-    "given": ("given",),
-}
+# Built once: a marshmallow schema copies its fields when it is made, which
+# cost a search more than its query. Loading keeps no state in the schema.
+_REQUEST, _CRITERIA = SearchRequest(), SearchCriteria()
 _DATE_PARAM = re.compile(r"^([a-z]{2})?(\d{4}(?:-\d{2}(?:-\d{2})?)?)$")
 
 
 def search_patients(session, criteria, count=20, cursor=None, region=None):
-    request = _load(
-        SearchRequest(), {"criteria": criteria, "count": count, "cursor": cursor}
-    )
-    if not isinstance(criteria, dict):
-        raise InvalidSearch({"criteria": ["must be a mapping"]})
-    parsed = _load(SearchCriteria(), criteria)
-    fingerprint = _fingerprint(parsed)
-    after = _read_cursor(request["cursor"], fingerprint)
-
-    query = select(Patient.id, Patient.resource)
-    for condition in _conditions(parsed, region):
-        query = query.where(condition)
-    if after is not None:
-        query = query.where(Patient.id > after)
-    limit = request["count"]
-    rows = session.execute(query.order_by(Patient.id).limit(limit + 1)).all()
+    query, limit, fingerprint = search_query(criteria, count, cursor, region)
+    read_only(session)
+    rows = session.execute(query).all()
 
     # Known shortcoming: "more" rests on one row read ahead. If that row
     # stops matching before the next page is asked for, the next page is
@@ -53,6 +51,33 @@ def search_patients(session, criteria, count=20, cursor=None, region=None):
     page, more = rows[:limit], len(rows) > limit
     next_cursor = _make_cursor(page[-1].id, fingerprint) if more else None
     return {"patients": [row.resource for row in page], "next_cursor": next_cursor}
+
+
+def search_query(criteria, count=20, cursor=None, region=None):
+    """The statement a search runs, with one row read ahead; its limit (the
+    page size) and the fingerprint cursors carry. Raises ``InvalidSearch``."""
+    request = _load(_REQUEST, {"criteria": criteria, "count": count, "cursor": cursor})
+    if not isinstance(criteria, dict):
+        raise InvalidSearch({"criteria": ["must be a mapping"]})
+    parsed = _load(_CRITERIA, criteria)
+    fingerprint = _fingerprint(parsed)
+    after = _read_cursor(request["cursor"], fingerprint)
+
+    # The page's ids first, then their resources: the plan then reads the
+    # resources of one page only, not of every match it sorts.
+    ids = select(Patient.id)
+    for condition in _conditions(parsed, region):
+        ids = ids.where(condition)
+    if after is not None:
+        ids = ids.where(Patient.id > after)
+    limit = request["count"]
+    page = ids.order_by(Patient.id).limit(limit + 1).subquery()
+    query = (
+        select(Patient.id, Patient.resource)
+        .join(page, Patient.id == page.c.id)
+        .order_by(Patient.id)
+    )
+    return query, limit, fingerprint
 
 
 def _load(schema, data):
@@ -116,9 +141,17 @@ def _id_condition(value):
 
 
 def _name_condition(param, value, parts):
+    """A short prefix is a stored one, whose patients come in id order; a
+    longer one is a range of tokens, which matches few."""
     prefix = fold_query(value)
     if not prefix:
         raise InvalidSearch({param: ["must contain a letter or digit"]})
+    if len(prefix) <= PREFIX_CHARS:
+        return exists().where(
+            PatientNamePrefix.patient_id == Patient.id,
+            PatientNamePrefix.parameter == param,
+            PatientNamePrefix.prefix == prefix,
+        )
     pattern = _escape_like(prefix) + "%"
     return exists().where(
         PatientNameToken.patient_id == Patient.id,
@@ -144,7 +177,9 @@ def _birthdate_condition(value):
         raise InvalidSearch({"birthdate": ["is not a valid date"]}) from None
 
     low, high = Patient.birth_date_start, Patient.birth_date_end
-    within = and_(low >= start, high <= end)
+    # A stored range starts before it ends, so "low <= end" adds nothing but
+    # the upper bound an index range on the start needs.
+    within = and_(low >= start, low <= end, high <= end)
     return {
         None: within,
         "eq": within,

@@ -45,6 +45,7 @@ TABLES = (
     "appointment_requests",
     "patient_identifiers",
     "patient_name_tokens",
+    "patient_name_prefixes",
     "patient_telecoms",
     "idempotency_records",
     "audit_events",

@@ -6,13 +6,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from unittest import mock
 
+import eventlet
 import pytest
 from kombu import Connection, Exchange, Queue
 from nameko.exceptions import RpcTimeout
-from nameko.rpc import Responder
 from nameko.standalone.rpc import ClusterRpcProxy
 from sqlalchemy import func, select
 
+from patient.dependencies import Replier
 from patient.models import AuditEvent, IdempotencyRecord, Patient
 from patient.records import purge_delivery_records
 from tests.factories import patient
@@ -204,12 +205,55 @@ def test_odd_context_data_neither_fails_calls_nor_reaches_the_audit(
 
 def test_a_reply_that_cannot_be_sent_leaves_the_service_running(config, patients):
     with (
-        mock.patch.object(
-            Responder, "send_response", side_effect=ConnectionRefusedError
-        ),
+        mock.patch.object(Replier, "send_response", side_effect=ConnectionRefusedError),
         ClusterRpcProxy(config, timeout=2) as proxy,
         pytest.raises(RpcTimeout),
     ):
         proxy.patient_service.ping()
 
     assert patients.ping() == "pong"
+
+
+def reply_through(config, result, **settings):
+    """Send ``result`` as the service answers a call; return the message the
+    caller's queue receives."""
+    exchange = Exchange("nameko-rpc", type="topic", durable=True)
+    name = f"test-replies-{uuid.uuid4()}"
+    reply_queue = Queue(name, exchange, routing_key=name, auto_delete=True)
+    request = mock.Mock(
+        properties={
+            "content_type": "application/json",
+            "reply_to": name,
+            "correlation_id": "c-1",
+        }
+    )
+    with Connection(config["AMQP_URI"]) as conn:
+        reply_queue(conn.default_channel).declare()
+        Replier({**config, **settings}, request).send_response(result, None)
+        for _ in range(50):
+            if message := reply_queue(conn.default_channel).get(no_ack=True):
+                return message
+            eventlet.sleep(0.1)
+    raise AssertionError("no reply arrived")
+
+
+def test_replies_are_transient_unless_persistence_is_asked_for(config, service):
+    transient = reply_through(config, "pong")
+    persistent = reply_through(
+        config, "pong", RPC_REPLY_PERSISTENT="true", RPC_REPLY_CONFIRMS=True
+    )
+
+    assert transient.properties.get("delivery_mode") != 2
+    assert persistent.properties.get("delivery_mode") == 2
+    assert [json.loads(m.body) for m in (transient, persistent)] == [
+        {"result": "pong", "error": None}
+    ] * 2
+    assert persistent.properties["correlation_id"] == "c-1"
+
+
+def test_a_reply_that_cannot_be_encoded_reaches_the_caller_as_an_error(config, service):
+    message = reply_through(config, {"thing": object()})
+
+    reply = json.loads(message.body)
+    assert reply["result"] is None
+    assert reply["error"]["exc_type"] == "UnserializableValueError"

@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from patient import health
+from patient.db import make_engine, read_only
 from patient.dependencies import CallerProvider, rpc
 from patient.errors import InternalError
 from patient.models import Base
@@ -53,6 +54,59 @@ def test_migrations_go_down_and_up_again(db_uri, engine, clean_db):
 
     migrate(db_uri, "head")
     assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
+
+
+def test_a_read_outside_a_transaction_leaves_later_writes_transactional(
+    db_uri, clean_db
+):
+    engine = make_engine(db_uri)
+    try:
+        with Session(engine) as session:
+            read_only(session)
+            session.execute(text("SELECT count(*) FROM patients"))
+        # The pool hands the same connection out again.
+        with Session(engine) as session:
+            session.execute(
+                text(
+                    "INSERT INTO audit_events VALUES (1, gen_random_uuid(),"
+                    " 'create', 1, now(), 'test', NULL, NULL)"
+                )
+            )
+            session.rollback()
+        with Session(engine) as session:
+            left = session.execute(text("SELECT count(*) FROM audit_events"))
+            assert left.scalar_one() == 0
+        assert engine.pool.checkedin() == 1
+    finally:
+        engine.dispose()
+
+
+def test_name_prefixes_filled_by_the_migration_are_those_the_service_writes(
+    patients, db_uri, engine
+):
+    patients.register_patients(
+        [
+            {
+                "resource": patient(
+                    name=[{"family": "van de Heuvel", "given": ["Łukasz"]}]
+                )
+            },
+            {"resource": patient(name=[{"text": "张无忌", "given": ["O'Brien Jo"]}])},
+        ]
+    )
+    query = text(
+        "SELECT patient_id, parameter, prefix FROM patient_name_prefixes"
+        " ORDER BY 1, 2, 3"
+    )
+    with engine.connect() as conn:
+        written = conn.execute(query).all()
+
+    migrate(db_uri, "5d1e7a3b9c20")
+    migrate(db_uri, "head")
+
+    with engine.connect() as conn:
+        assert conn.execute(query).all() == written
+    assert len(written) > 10
 
 
 def test_migrations_match_the_models(engine):
