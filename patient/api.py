@@ -1,6 +1,7 @@
 """The HTTP API: one thin method per route, calling the same functions as
 the RPC methods. ``PatientService`` inherits these routes."""
 
+import functools
 import hashlib
 import re
 from urllib.parse import urlencode
@@ -35,10 +36,14 @@ class PatientApi:
         version = _if_match(request)
         if version is None:
             raise PreconditionRequired()
-        current = records.get_patient(self.db.session, patient_id)
-        auth.check_update(user, current, body)
         stored = records.update_patient(
-            self.db.session, patient_id, body, version, self.caller, self.region
+            self.db.session,
+            patient_id,
+            body,
+            version,
+            self.caller,
+            self.region,
+            check=functools.partial(auth.check_update, user),
         )
         return _patient_response(stored)
 

@@ -366,9 +366,13 @@ def find_patient_by_identifier(session, system, value):
 
 
 def update_patient(
-    session, patient_id, resource, expected_version, caller, region=None
+    session, patient_id, resource, expected_version, caller, region=None, check=None
 ):
-    """Replace the resource if it is still at ``expected_version``."""
+    """Replace the resource if it is still at ``expected_version``.
+
+    ``check(current, new)``, if given, may refuse the change by raising; it
+    sees the current resource under the row's lock.
+    """
     expected = _version(expected_version, required=True)
     check_limits(resource)
     if "id" in resource and not _same_id(resource["id"], patient_id):
@@ -386,6 +390,8 @@ def update_patient(
             row = find_row(session, patient_id, lock=True)
             if row.version != expected:
                 raise VersionConflict(str(row.id), expected, row.version)
+            if check is not None:
+                check(row.resource, resource)
             # The identifiers it gives up too: two updates swapping
             # identifiers would otherwise wait on each other.
             idempotency.lock(session, _lock_keys([resource, row.resource], []))
