@@ -1,8 +1,6 @@
 """A database that stops answering, lock waits and crossing writes: calls
 end within their deadline with a typed error, and nothing deadlocks."""
 
-import contextlib
-import socket
 import time
 
 import eventlet
@@ -13,46 +11,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from drills.relay import Relay
 from patient.errors import DuplicatePatient, ServiceUnavailable
 from patient.models import Patient, PatientIdentifier
 from patient.service import PatientService
 from tests.factories import patient
-
-
-class PausableProxy:
-    """A TCP relay to PostgreSQL that can stop passing bytes on, as a frozen
-    database or a stalled network would."""
-
-    def __init__(self, port):
-        self.target = ("127.0.0.1", port)
-        self.server = eventlet.listen(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.paused = False
-        self.thread = eventlet.spawn(self._accept)
-
-    def _accept(self):
-        while True:
-            client, _ = self.server.accept()
-            upstream = eventlet.connect(self.target)
-            eventlet.spawn(self._pipe, client, upstream)
-            eventlet.spawn(self._pipe, upstream, client)
-
-    def _pipe(self, source, sink):
-        try:
-            while data := source.recv(65536):
-                while self.paused:
-                    eventlet.sleep(0.05)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self):
-        self.thread.kill()
-        self.server.close()
 
 
 class StallingPatientService(PatientService):
@@ -61,7 +24,7 @@ class StallingPatientService(PatientService):
 
 @pytest.fixture
 def proxy(db_uri):
-    relay = PausableProxy(make_url(db_uri).port or 5432)
+    relay = Relay(make_url(db_uri).port or 5432)
     yield relay
     relay.paused = False
     relay.close()

@@ -1,0 +1,360 @@
+"""The drills: each breaks one thing under a steady load, restores it, and
+measures what callers saw and what the database holds afterwards."""
+
+import contextlib
+import re
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import eventlet
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from nameko.standalone.rpc import ClusterRpcProxy
+
+from drills.load import Load
+from drills.relay import Relay
+from drills.servers import ROOT, Postgres, Rabbit, Service
+
+# Short deadlines keep the drills short; the rules are the same as with the
+# defaults.
+SETTINGS = {
+    "CALL_DEADLINE_S": 3,
+    "DB_STATEMENT_TIMEOUT_MS": 2000,
+    "DB_CONNECT_TIMEOUT_S": 2,
+    "DB_POOL_TIMEOUT_S": 2,
+    "MAX_WORKERS": 10,
+}
+DEADLINE_S = SETTINGS["CALL_DEADLINE_S"]
+# Scheduling and the round trip through the broker, on a busy 2-core machine.
+MARGIN_S = 1.5
+WARM_UP_S = 5
+
+
+@dataclass
+class Result:
+    drill: str
+    sent: int = 0
+    acknowledged: int = 0
+    found: int = 0
+    duplicates: int = 0
+    longest_stall: float = 0.0
+    recovery: float | None = None
+    measured: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d"))
+
+    def expect(self, condition, failure):
+        if not condition:
+            self.failures.append(failure)
+
+
+@dataclass
+class Environment:
+    workdir: Path
+    postgres: Postgres
+    rabbit: Rabbit
+
+    @contextlib.contextmanager
+    def service(self, db_port=None, **settings):
+        service = Service(
+            self.workdir,
+            self.rabbit.uri,
+            self.postgres.uri(port=db_port),
+            **{**SETTINGS, **settings},
+        )
+        service.start()
+        try:
+            yield service
+        finally:
+            service.stop()
+
+
+@contextlib.contextmanager
+def environment(keep=False):
+    """A private PostgreSQL (migrated) and RabbitMQ in a temporary folder,
+    removed afterwards unless ``keep``."""
+    workdir = Path(tempfile.mkdtemp(prefix="patient-drills-"))
+    workdir.chmod(0o755)
+    postgres, rabbit = Postgres(workdir), Rabbit(workdir)
+    try:
+        postgres.init()
+        postgres.start()
+        postgres.create_database()
+        config = AlembicConfig(str(ROOT / "alembic.ini"))
+        config.attributes["db_uri"] = postgres.uri()
+        command.upgrade(config, "head")
+        rabbit.start()
+        yield Environment(workdir, postgres, rabbit)
+    finally:
+        rabbit.destroy()
+        postgres.destroy()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def database_stopped(env, outage_s=20):
+    """Drill 1: PostgreSQL stopped for 20 s, then started."""
+    result = Result("1. PostgreSQL stopped 20 s")
+    with env.service() as service, Load(env.rabbit.uri) as load:
+        eventlet.sleep(WARM_UP_S)
+        pid = service.process.pid
+        env.postgres.stop()
+        down = time.monotonic()
+        eventlet.sleep(2)
+        health, health_took = _probe(env, "health")
+        eventlet.sleep(outage_s - 2 - health_took)
+        env.postgres.start()
+        up = time.monotonic()
+        eventlet.sleep(10)
+        load.stop()
+        result.expect(
+            service.alive and service.process.pid == pid, "the service process died"
+        )
+
+    # Calls sent while the database was down and could not have been
+    # answered before it was.
+    outage = load.outcomes(since=down, until=up - DEADLINE_S)
+    failed = [c for c in outage if c.outcome != "ok"]
+    result.measured["calls during the outage"] = len(outage)
+    result.measured["failed with ServiceUnavailable"] = sum(
+        c.outcome == "ServiceUnavailable" for c in failed
+    )
+    result.measured["longest failed call during the outage (s)"] = _round(
+        max((c.took for c in failed), default=0)
+    )
+    result.measured["health during the outage"] = _health_summary(health)
+    result.expect(
+        failed and all(c.outcome == "ServiceUnavailable" for c in failed),
+        "calls during the outage did not all fail with ServiceUnavailable",
+    )
+    result.expect(
+        all(c.took <= DEADLINE_S + MARGIN_S for c in failed),
+        "a call during the outage outlasted the deadline",
+    )
+    result.expect(
+        isinstance(health, dict) and health["database"]["status"] == "down",
+        "health() did not report the database down",
+    )
+    _finish(result, env, load, restored=up, recovery_limit=5)
+    return result
+
+
+def database_stalled(env, stall_s=20):
+    """Drill 2: PostgreSQL accepting connections but not answering."""
+    result = Result("2. PostgreSQL stalled 20 s")
+    relay = Relay(env.postgres.port)
+    try:
+        with env.service(db_port=relay.port) as service, Load(env.rabbit.uri) as load:
+            eventlet.sleep(WARM_UP_S)
+            relay.paused = True
+            stalled = time.monotonic()
+            eventlet.sleep(2)
+            health, _ = _probe(env, "health")
+            pings = [_probe(env, "ping")[1] for _ in range(5)]
+            eventlet.sleep(stall_s - 2 - 5 * 0.3)
+            relay.paused = False
+            resumed = time.monotonic()
+            eventlet.sleep(10)
+            load.stop()
+            result.expect(service.alive, "the service process died")
+    finally:
+        relay.close()
+
+    stalled_calls = load.outcomes(since=stalled, until=resumed)
+    result.measured["calls during the stall"] = len(stalled_calls)
+    result.measured["longest call during the stall (s)"] = _round(
+        max((c.took for c in stalled_calls), default=0)
+    )
+    result.measured["ping during the stall, slowest (s)"] = _round(max(pings))
+    result.measured["health during the stall"] = _health_summary(health)
+    result.expect(
+        all(c.took <= DEADLINE_S + MARGIN_S for c in stalled_calls),
+        "a call during the stall outlasted the deadline",
+    )
+    result.expect(
+        all(c.outcome in ("ok", "ServiceUnavailable") for c in stalled_calls),
+        "a call during the stall failed with something else than ServiceUnavailable",
+    )
+    result.expect(max(pings) <= MARGIN_S, "ping waited for a stuck worker")
+    _finish(result, env, load, restored=resumed, recovery_limit=5)
+    return result
+
+
+def broker_restarted(env):
+    """Drill 3: RabbitMQ restarted."""
+    result = Result("3. RabbitMQ restarted")
+    with env.service() as service, Load(env.rabbit.uri) as load:
+        eventlet.sleep(WARM_UP_S)
+        pid = service.process.pid
+        stopped = time.monotonic()
+        env.rabbit.stop()
+        env.rabbit.start()
+        started = time.monotonic()
+        result.measured["broker down (s)"] = _round(started - stopped)
+        eventlet.sleep(15)
+        load.stop()
+        result.expect(
+            service.alive and service.process.pid == pid, "the service process died"
+        )
+    hangs = load.outcomes()
+    result.measured["callers left hanging"] = sum(c.outcome == "Hang" for c in hangs)
+    result.expect(
+        not any(c.outcome == "Hang" for c in hangs), "a caller was left hanging"
+    )
+    _finish(result, env, load, restored=started, recovery_limit=10)
+    return result
+
+
+def service_killed(env, kills=3):
+    """Drill 4: the service SIGKILLed during registrations, then restarted."""
+    result = Result("4. service SIGKILLed x3")
+    with (
+        env.service() as service,
+        Load(env.rabbit.uri, registrars=5, readers=1, searchers=1) as load,
+    ):
+        eventlet.sleep(WARM_UP_S)
+        recoveries = []
+        for _ in range(kills):
+            service.kill(signal.SIGKILL)
+            eventlet.sleep(0.5)
+            service.start()
+            restarted = time.monotonic()
+            eventlet.sleep(5)
+            recoveries.append(load.recovery(restarted))
+        load.stop()
+    result.measured["registration attempts"] = sum(
+        r.attempts for r in load.registrations.values()
+    )
+    result.measured["recovery after each restart (s)"] = [_round(r) for r in recoveries]
+    _finish(result, env, load, restored=None)
+    result.recovery = max((r for r in recoveries if r is not None), default=None)
+    return result
+
+
+def many_slow_searches(env, searches=50, delay_s=0.2):
+    """Drill 5: 50 concurrent slow searches with MAX_WORKERS at 50."""
+    result = Result("5. 50 slow searches, 50 workers")
+    relay = Relay(env.postgres.port)
+    try:
+        with (
+            env.service(db_port=relay.port, MAX_WORKERS=searches) as service,
+            Load(env.rabbit.uri) as load,
+        ):
+            eventlet.sleep(WARM_UP_S)
+            resting = env.postgres.service_connections()
+            relay.delay = delay_s
+            burst = eventlet.GreenPool(searches)
+            outcomes = list(burst.imap(lambda _: _probe_search(env), range(searches)))
+            peak = env.postgres.service_connections()
+            relay.delay = 0
+            eventlet.sleep(10)
+            after = env.postgres.service_connections()
+            load.stop()
+            log = service.log.read_text()
+    finally:
+        relay.close()
+
+    exhausted = len(re.findall("no database connection free", log))
+    result.measured["searches ok"] = sum(o == "ok" for o, _ in outcomes)
+    result.measured["slowest search (s)"] = _round(max(t for _, t in outcomes))
+    result.measured["pool exhaustion errors"] = exhausted
+    result.measured["connections resting / peak / after"] = [resting, peak, after]
+    result.expect(exhausted == 0, "the connection pool ran dry")
+    result.expect(all(o == "ok" for o, _ in outcomes), "a slow search failed")
+    result.expect(after <= resting, "connections stayed open after the burst")
+    _finish(result, env, load, restored=None)
+    return result
+
+
+def _probe(env, method, *args):
+    """One call on a proxy of its own: (answer or error, seconds)."""
+    started = time.monotonic()
+    try:
+        with (
+            eventlet.Timeout(30),
+            ClusterRpcProxy({"AMQP_URI": env.rabbit.uri}, timeout=20) as rpc,
+        ):
+            answer = getattr(rpc.patient_service, method)(*args)
+    except Exception as exc:
+        answer = exc
+    return answer, time.monotonic() - started
+
+
+def _probe_search(env):
+    answer, took = _probe(env, "search_patients", {"family": "drill"}, 20)
+    return ("ok" if isinstance(answer, dict) else type(answer).__name__), took
+
+
+def _health_summary(health):
+    if not isinstance(health, dict):
+        return type(health).__name__
+    return f"{health['status']} (database {health['database']['status']})"
+
+
+def _finish(result, env, load, restored, recovery_limit=None):
+    """What every drill measures: calls, acknowledged registrations found
+    afterwards exactly once, the longest stall and the recovery."""
+    acknowledged = load.acknowledged_registrations()
+    rows = env.postgres.query(
+        "SELECT value, array_agg(DISTINCT patient_id::text)"
+        " FROM patient_identifiers WHERE system IS NULL AND value LIKE %s"
+        " GROUP BY value",
+        load.prefix + "%",
+    )
+    stored = {value: ids for value, ids in rows}
+    result.sent = len(load.calls)
+    result.acknowledged = len(acknowledged)
+    result.found = sum(
+        stored.get(value) == [patient_id] for value, patient_id in acknowledged.items()
+    )
+    result.duplicates = sum(len(ids) - 1 for ids in stored.values())
+    result.longest_stall = _round(load.longest_stall())
+    result.measured["outcomes"] = _count(c.outcome for c in load.calls)
+    durations = [c.took for c in load.calls if c.outcome == "ok"]
+    if len(durations) > 1:
+        result.measured["median ok call (ms)"] = round(
+            statistics.median(durations) * 1000, 1
+        )
+    result.expect(result.found == result.acknowledged, "an acknowledged write is lost")
+    result.expect(result.duplicates == 0, "a registration was stored twice")
+    result.expect(
+        not any(c.outcome in ("SearchMissed", "PatientNotFound") for c in load.calls),
+        "an acknowledged patient could not be read or found",
+    )
+    result.expect(
+        not any(c.outcome == "InternalError" for c in load.calls),
+        "a caller got an InternalError",
+    )
+    if restored is not None:
+        result.recovery = load.recovery(restored)
+        result.recovery = result.recovery and _round(result.recovery)
+        result.expect(
+            result.recovery is not None and result.recovery <= recovery_limit,
+            f"calls did not succeed again within {recovery_limit} s",
+        )
+
+
+def _count(values):
+    counts = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _round(seconds):
+    return None if seconds is None else round(seconds, 2)
+
+
+DRILLS = {
+    "database-stopped": database_stopped,
+    "database-stalled": database_stalled,
+    "broker-restarted": broker_restarted,
+    "service-killed": service_killed,
+    "slow-searches": many_slow_searches,
+}
