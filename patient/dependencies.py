@@ -10,6 +10,7 @@ import uuid
 import eventlet
 from amqp.exceptions import AMQPError
 from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.serialization import registry
 from nameko.constants import CALL_ID_STACK_CONTEXT_KEY
 from nameko.exceptions import IncorrectSignature
 from nameko.extensions import DependencyProvider
@@ -22,6 +23,7 @@ from patient.caller import Caller
 from patient.errors import (
     EXPECTED_ERRORS,
     InternalError,
+    InvalidRequest,
     PatientServiceError,
     ServiceUnavailable,
 )
@@ -39,6 +41,8 @@ _USER_ID = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,200}")
 # A batch of 100 resources at the 256 KiB limit, as JSON with \uXXXX
 # escapes (up to three times the UTF-8 size), with room for the envelope.
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024
+TOO_BIG = "must be uncompressed and at most 80 MiB"
+UNREADABLE = "must be a JSON object with args and kwargs"
 DEFAULT_CALL_DEADLINE_S = 8.0
 SLOW = "the patient database did not answer in time; retry later"
 # Statement or lock timeouts, deadlocks, serialisation failures: the next
@@ -51,36 +55,42 @@ class GuardedQueueConsumer(QueueConsumer):
 
     kombu would inflate a compressed body of any size (a few kilobytes of
     bz2 become gigabytes) and log an undecodable body whole, patient data and
-    all. Compressed and oversized messages are dropped unread.
+    all. Compressed, oversized and undecodable messages are refused unread:
+    answered with ``InvalidRequest`` where the provider can answer them.
     """
 
     def get_consumers(self, consumer_cls, channel):
         consumers = super().get_consumers(consumer_cls, channel)
-        for consumer in consumers:
+        for provider, consumer in self._consumers.items():
             # With on_message set, kombu hands over the message undecoded.
-            consumer.on_message = functools.partial(self._screen, consumer)
+            consumer.on_message = functools.partial(self._screen, provider, consumer)
         return consumers
 
-    def _screen(self, consumer, message):
+    def _screen(self, provider, consumer, message):
         size = len(message.body or b"")
         if message.headers.get("compression") or size > MAX_MESSAGE_BYTES:
-            log.warning("dropped a compressed or oversized message (%s bytes)", size)
-            message.ack()
+            log.warning("refused a compressed or oversized message (%s bytes)", size)
+            self._refuse(provider, message, TOO_BIG)
             return
         try:
             body = message.decode()
         except Exception as exc:
-            self.on_decode_error(message, exc)
+            log.warning(
+                "refused a message that could not be decoded (%s, %s bytes)",
+                type(exc).__name__,
+                size,
+            )
+            self._refuse(provider, message, UNREADABLE)
             return
         consumer.receive(body, message)
 
-    def on_decode_error(self, message, exc):
-        log.warning(
-            "dropped a message that could not be decoded (%s, %s bytes)",
-            type(exc).__name__,
-            len(message.body or b""),
-        )
-        message.ack()
+    def _refuse(self, provider, message, reason):
+        refuse = getattr(provider, "refuse", None)
+        if refuse is None:
+            self.ack_message(message)
+            return
+        # Answering publishes: not on the thread that reads the queue.
+        self.container.spawn_managed_thread(functools.partial(refuse, message, reason))
 
 
 class GuardedRpcConsumer(RpcConsumer):
@@ -102,6 +112,19 @@ class GuardedRpcConsumer(RpcConsumer):
             self.queue_consumer.ack_message(message)
             return
         super().handle_message(body, message)
+
+    def refuse(self, message, reason):
+        """Answer a request that could not be read, if it says where and
+        in an encoding this service speaks; else drop it."""
+        serializer = registry.type_to_name.get(message.properties.get("content_type"))
+        if not message.properties.get("reply_to") or (
+            serializer not in self.container.accept
+        ):
+            log.warning("dropped an unreadable request that cannot be answered")
+            self.queue_consumer.ack_message(message)
+            return
+        error = InvalidRequest({"request": [reason]})
+        self.handle_result(message, None, (InvalidRequest, error, None))
 
     def handle_result(self, message, result, exc_info):
         try:
