@@ -17,6 +17,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from nameko.standalone.rpc import ClusterRpcProxy
 
+from drills.flood import Flood, malformed_requests
 from drills.load import Load
 from drills.relay import Relay
 from drills.servers import ROOT, Postgres, Rabbit, Service
@@ -233,27 +234,29 @@ def service_killed(env, kills=3):
     )
     result.measured["recovery after each restart (s)"] = [_round(r) for r in recoveries]
     _finish(result, env, load, restored=None)
-    result.recovery = max((r for r in recoveries if r is not None), default=None)
+    result.recovery = _round(max((r for r in recoveries if r is not None), default=0))
     return result
 
 
-def many_slow_searches(env, searches=50, delay_s=0.2):
+def many_slow_searches(env, searches=50, delay_s=0.2, idle_s=5):
     """Drill 5: 50 concurrent slow searches with MAX_WORKERS at 50."""
     result = Result("5. 50 slow searches, 50 workers")
     relay = Relay(env.postgres.port)
     try:
         with (
-            env.service(db_port=relay.port, MAX_WORKERS=searches) as service,
+            env.service(
+                db_port=relay.port, MAX_WORKERS=searches, DB_IDLE_TIMEOUT_S=idle_s
+            ) as service,
             Load(env.rabbit.uri) as load,
         ):
             eventlet.sleep(WARM_UP_S)
-            resting = env.postgres.service_connections()
+            resting = max(_sample(env.postgres.service_connections, 5))
             relay.delay = delay_s
             burst = eventlet.GreenPool(searches)
             outcomes = list(burst.imap(lambda _: _probe_search(env), range(searches)))
             peak = env.postgres.service_connections()
             relay.delay = 0
-            eventlet.sleep(10)
+            eventlet.sleep(idle_s + 5)
             after = env.postgres.service_connections()
             load.stop()
             log = service.log.read_text()
@@ -270,6 +273,52 @@ def many_slow_searches(env, searches=50, delay_s=0.2):
     result.expect(after <= resting, "connections stayed open after the burst")
     _finish(result, env, load, restored=None)
     return result
+
+
+def malformed_flood(env, window_s=5):
+    """Drill 6: malformed requests flood the RPC queue."""
+    result = Result("6. malformed flood (RPC)")
+    with env.service() as service, Load(env.rabbit.uri) as load:
+        eventlet.sleep(WARM_UP_S)
+        calm = time.monotonic()
+        eventlet.sleep(window_s)
+        flooding = time.monotonic()
+        with Flood(env.rabbit.uri) as flood:
+            for kind, body in malformed_requests():
+                flood.send(kind, body)
+            flood.collect(timeout=60)
+        flooded = time.monotonic()
+        load.stop()
+        result.expect(service.alive, "the service process died")
+
+    answers = flood.answers()
+    result.measured["malformed requests"] = answers
+    result.measured["flood lasted (s)"] = _round(flooded - flooding)
+    for window, since, until in (
+        ("before", calm, flooding),
+        ("during", flooding, flooded),
+    ):
+        took = sorted(
+            c.took for c in load.outcomes(since=since, until=until) if c.outcome == "ok"
+        )
+        result.measured[f"ok calls {window} the flood, median / p95 (ms)"] = [
+            round(statistics.median(took) * 1000, 1),
+            round(took[int(len(took) * 0.95)] * 1000, 1),
+        ]
+    unanswered = sum(a["answers"].get("no answer", 0) for a in answers.values())
+    accepted = sum(a["answers"].get("accepted", 0) for a in answers.values())
+    result.expect(unanswered == 0, f"{unanswered} malformed requests got no answer")
+    result.expect(accepted == 0, f"{accepted} malformed requests were accepted")
+    _finish(result, env, load, restored=None)
+    return result
+
+
+def _sample(measure, seconds):
+    samples = []
+    for _ in range(int(seconds / 0.5)):
+        samples.append(measure())
+        eventlet.sleep(0.5)
+    return samples
 
 
 def _probe(env, method, *args):
@@ -357,4 +406,5 @@ DRILLS = {
     "broker-restarted": broker_restarted,
     "service-killed": service_killed,
     "slow-searches": many_slow_searches,
+    "malformed-flood": malformed_flood,
 }
