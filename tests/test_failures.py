@@ -12,6 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from drills.relay import Relay
+from patient.db import make_engine
 from patient.errors import DuplicatePatient, ServiceUnavailable
 from patient.models import Patient, PatientIdentifier
 from patient.service import PatientService
@@ -175,6 +176,35 @@ def test_connections_dropped_by_the_database_under_load_are_survived(
     assert outcomes.count("ok") > 0
     assert patients.ping() == "pong"
     assert patients.get_patient(stored["id"]) == stored
+
+
+def test_connections_beyond_the_working_set_close_when_idle(db_uri, engine):
+    pool = make_engine(db_uri, {"MAX_WORKERS": 3, "DB_IDLE_TIMEOUT_S": 1})
+    burst = [pool.connect() for _ in range(5)]
+    pids = [
+        conn.execute(text("SELECT pg_backend_pid()")).scalar_one() for conn in burst
+    ]
+    for conn in burst:
+        conn.close()
+
+    def still_open():
+        with engine.connect() as conn:
+            return conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"),
+                {"pids": pids},
+            ).scalar_one()
+
+    # One caller at a time, as a light load after the burst.
+    give_up = time.monotonic() + 15
+    while still_open() > 1 and time.monotonic() < give_up:
+        with pool.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        eventlet.sleep(0.2)
+
+    assert still_open() <= 1
+    with pool.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    pool.dispose()
 
 
 def test_updates_swapping_identifiers_never_deadlock(config, service, patients):
