@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 
 import eventlet
+from amqp.exceptions import AMQPError
+from kombu.exceptions import OperationalError as KombuOperationalError
 from nameko.exceptions import RpcTimeout
 from nameko.standalone.rpc import ClusterRpcProxy
 
@@ -88,10 +90,9 @@ class Hang(Exception):
 
 
 def _connection_outcome(exc):
-    name = type(exc).__name__
-    if isinstance(exc, OSError | ConnectionError) or "Connection" in name:
+    if isinstance(exc, OSError | AMQPError | KombuOperationalError):
         return "Disconnected"
-    return name
+    return type(exc).__name__
 
 
 def resource(value, serial):

@@ -2,6 +2,7 @@
 measures what callers saw and what the database holds afterwards."""
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -147,43 +148,86 @@ def database_stopped(env, outage_s=20):
 
 
 def database_stalled(env, stall_s=20):
-    """Drill 2: PostgreSQL accepting connections but not answering."""
-    result = Result("2. PostgreSQL stalled 20 s")
+    """Drill 2: PostgreSQL accepting connections but not answering: a relay
+    between the service and the database stops passing bytes on."""
     relay = Relay(env.postgres.port)
     try:
-        with env.service(db_port=relay.port) as service, Load(env.rabbit.uri) as load:
-            eventlet.sleep(WARM_UP_S)
-            relay.paused = True
-            stalled = time.monotonic()
-            eventlet.sleep(2)
-            health, _ = _probe(env, "health")
-            pings = [_probe(env, "ping")[1] for _ in range(5)]
-            eventlet.sleep(stall_s - 2 - 5 * 0.3)
-            relay.paused = False
-            resumed = time.monotonic()
-            eventlet.sleep(10)
-            load.stop()
-            result.expect(service.alive, "the service process died")
+        return _unresponsive_database(
+            Result("2. PostgreSQL stalled 20 s (relay)"),
+            env,
+            stall_s,
+            freeze=lambda: setattr(relay, "paused", True),
+            thaw=lambda: setattr(relay, "paused", False),
+            db_port=relay.port,
+        )
     finally:
         relay.close()
 
-    stalled_calls = load.outcomes(since=stalled, until=resumed)
-    result.measured["calls during the stall"] = len(stalled_calls)
-    result.measured["longest call during the stall (s)"] = _round(
-        max((c.took for c in stalled_calls), default=0)
+
+def backends_paused(env, pause_s=20):
+    """Drill 2, the other way: the service's PostgreSQL backends SIGSTOPped,
+    in the middle of whatever they were doing."""
+    pids = []
+
+    def freeze():
+        pids.extend(
+            pid
+            for (pid,) in env.postgres.query(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE application_name = 'patient_service'"
+            )
+        )
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw():
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    result = Result("2b. PostgreSQL backends paused 20 s")
+    _unresponsive_database(result, env, pause_s, freeze, thaw)
+    result.measured["backends paused"] = len(pids)
+    return result
+
+
+def _unresponsive_database(result, env, seconds, freeze, thaw, db_port=None):
+    with env.service(db_port=db_port) as service, Load(env.rabbit.uri) as load:
+        eventlet.sleep(WARM_UP_S)
+        frozen = time.monotonic()
+        try:
+            freeze()
+            eventlet.sleep(2)
+            health, _ = _probe(env, "health")
+            pings = [_probe(env, "ping")[1] for _ in range(5)]
+            eventlet.sleep(max(0, frozen + seconds - time.monotonic()))
+        finally:
+            thaw()
+        thawed = time.monotonic()
+        eventlet.sleep(10)
+        load.stop()
+        result.expect(service.alive, "the service process died")
+
+    frozen_calls = load.outcomes(since=frozen, until=thawed)
+    result.measured["calls while unresponsive"] = len(frozen_calls)
+    result.measured["outcomes while unresponsive"] = _count(
+        c.outcome for c in frozen_calls
     )
-    result.measured["ping during the stall, slowest (s)"] = _round(max(pings))
-    result.measured["health during the stall"] = _health_summary(health)
+    result.measured["longest call while unresponsive (s)"] = _round(
+        max((c.took for c in frozen_calls), default=0)
+    )
+    result.measured["ping while unresponsive, slowest (s)"] = _round(max(pings))
+    result.measured["health while unresponsive"] = _health_summary(health)
     result.expect(
-        all(c.took <= DEADLINE_S + MARGIN_S for c in stalled_calls),
-        "a call during the stall outlasted the deadline",
+        all(c.took <= DEADLINE_S + MARGIN_S for c in frozen_calls),
+        "a call outlasted the deadline",
     )
     result.expect(
-        all(c.outcome in ("ok", "ServiceUnavailable") for c in stalled_calls),
-        "a call during the stall failed with something else than ServiceUnavailable",
+        all(c.outcome in ("ok", "ServiceUnavailable") for c in frozen_calls),
+        "a call failed with something else than ServiceUnavailable",
     )
     result.expect(max(pings) <= MARGIN_S, "ping waited for a stuck worker")
-    _finish(result, env, load, restored=resumed, recovery_limit=5)
+    _finish(result, env, load, restored=thawed, recovery_limit=5)
     return result
 
 
@@ -403,6 +447,7 @@ def _round(seconds):
 DRILLS = {
     "database-stopped": database_stopped,
     "database-stalled": database_stalled,
+    "backends-paused": backends_paused,
     "broker-restarted": broker_restarted,
     "service-killed": service_killed,
     "slow-searches": many_slow_searches,
