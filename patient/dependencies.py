@@ -16,6 +16,7 @@ from nameko.exceptions import IncorrectSignature
 from nameko.extensions import DependencyProvider
 from nameko.messaging import QueueConsumer
 from nameko.rpc import Rpc, RpcConsumer
+from nameko.timer import Timer
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -317,3 +318,18 @@ def _caller(worker_ctx):
         call_id=worker_ctx.call_id,
         delivery_id=delivery_id if isinstance(delivery_id, str) else None,
     )
+
+
+class SettingTimer(Timer):
+    """Nameko's timer, its interval read from a setting of the config."""
+
+    def __init__(self, setting, default, **kwargs):
+        super().__init__(interval=default, **kwargs)
+        self.setting = setting
+
+    def setup(self):
+        self.interval = float(self.container.config.get(self.setting, self.interval))
+        super().setup()
+
+
+setting_timer = SettingTimer.decorator

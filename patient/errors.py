@@ -22,6 +22,15 @@ class PatientServiceError(Exception):
         return self.message
 
 
+class InvalidFields(PatientServiceError):
+    """Input that breaks rules; ``errors`` maps a field path to messages."""
+
+    def __init__(self, errors):
+        super().__init__(_summarise(errors))
+        self.args = (errors,)
+        self.errors = errors
+
+
 @deserialize_to_instance
 class PatientNotFound(PatientServiceError):
     """No patient with that id, or with that identifier (``patient_id`` is
@@ -37,37 +46,22 @@ class PatientNotFound(PatientServiceError):
 
 
 @deserialize_to_instance
-class InvalidPatient(PatientServiceError):
+class InvalidPatient(InvalidFields):
     """The resource breaks a rule; ``errors`` maps a field path to messages."""
 
     code = "invalid-patient"
 
-    def __init__(self, errors):
-        super().__init__(_summarise(errors))
-        self.args = (errors,)
-        self.errors = errors
-
 
 @deserialize_to_instance
-class InvalidSearch(PatientServiceError):
+class InvalidSearch(InvalidFields):
     code = "invalid-search"
 
-    def __init__(self, errors):
-        super().__init__(_summarise(errors))
-        self.args = (errors,)
-        self.errors = errors
-
 
 @deserialize_to_instance
-class InvalidRequest(PatientServiceError):
+class InvalidRequest(InvalidFields):
     """An argument other than the resource is malformed."""
 
     code = "invalid-request"
-
-    def __init__(self, errors):
-        super().__init__(_summarise(errors))
-        self.args = (errors,)
-        self.errors = errors
 
 
 @deserialize_to_instance
@@ -113,6 +107,51 @@ class IdempotencyKeyReused(PatientServiceError):
 
 
 @deserialize_to_instance
+class PatientInactive(PatientServiceError):
+    """The patient is deactivated: no new appointment requests."""
+
+    code = "patient-inactive"
+
+    def __init__(self, patient_id):
+        super().__init__(f"patient {patient_id} is inactive")
+        self.args = (patient_id,)
+        self.patient_id = patient_id
+
+
+@deserialize_to_instance
+class InvalidAppointmentRequest(InvalidFields):
+    """The appointment request breaks a rule; ``errors`` maps a field to
+    messages."""
+
+    code = "invalid-appointment-request"
+
+
+@deserialize_to_instance
+class AppointmentRequestNotFound(PatientServiceError):
+    code = "appointment-request-not-found"
+
+    def __init__(self, request_id=""):
+        what = f"id {request_id}" if request_id else "that id"
+        super().__init__(f"no appointment request with {what}")
+        self.args = (request_id,)
+        self.request_id = request_id
+
+
+@deserialize_to_instance
+class AppointmentNotCancellable(PatientServiceError):
+    """The request ended without reaching the Queue Service (``failed``):
+    there is nothing to cancel."""
+
+    code = "appointment-not-cancellable"
+
+    def __init__(self, request_id, status):
+        super().__init__(f"appointment request {request_id} is {status}")
+        self.args = (request_id, status)
+        self.request_id = request_id
+        self.status = status
+
+
+@deserialize_to_instance
 class ServiceUnavailable(PatientServiceError):
     """A dependency the call needs (the database) cannot be reached now."""
 
@@ -143,6 +182,10 @@ EXPECTED_ERRORS = (
     DuplicatePatient,
     VersionConflict,
     IdempotencyKeyReused,
+    PatientInactive,
+    InvalidAppointmentRequest,
+    AppointmentRequestNotFound,
+    AppointmentNotCancellable,
     ServiceUnavailable,
 )
 

@@ -6,6 +6,8 @@ import eventlet
 from kombu import Connection
 from sqlalchemy import text
 
+from patient import outbox
+
 
 def database_status(session, timeout=2.0):
     started = time.perf_counter()
@@ -34,6 +36,21 @@ def broker_status(amqp_uri, timeout=2.0):
     except Exception as exc:
         return {"status": "down", "error": type(exc).__name__}
     return {"status": "up", "latency_ms": _ms_since(started)}
+
+
+def queue_status(session, queue, stale_s=60.0):
+    """``degraded`` while the circuit to the Queue Service is not closed or
+    a message has been owed longer than ``stale_s``; never ``down``."""
+    status = {"circuit": queue.circuit}
+    try:
+        with eventlet.Timeout(2.0):
+            status.update(outbox.backlog(session))
+    except (Exception, eventlet.Timeout) as exc:
+        session.invalidate()
+        status["backlog_error"] = type(exc).__name__
+    stale = status.get("oldest_s", 0) > stale_s
+    healthy = queue.circuit == "closed" and not stale and "backlog_error" not in status
+    return {"status": "up" if healthy else "degraded", **status}
 
 
 def overall(checks):

@@ -128,14 +128,17 @@ class IdempotencyRecord(Base):
 
 
 class AuditEvent(Base):
-    """One row for every change of a patient, written in the same
-    transaction as the change."""
+    """One row for every change of a patient or of an appointment request,
+    written in the same transaction as the change."""
 
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     patient_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
-    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    # The appointment request changed, for its actions (``appointment-*``).
+    request_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    # The version of the patient, or of the appointment request.
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     actor: Mapped[str] = mapped_column(Text, nullable=False)
@@ -143,3 +146,71 @@ class AuditEvent(Base):
     call_id: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_audit_events_patient_id", "patient_id", "id"),)
+
+
+class AppointmentRequest(Base):
+    """A patient's request for an appointment, handed on to the Queue
+    Service. ``reason`` is personal data: it never reaches a log."""
+
+    __tablename__ = "appointment_requests"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("patients.id"), nullable=False
+    )
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    priority: Mapped[str] = mapped_column(String(16), nullable=False)
+    modality: Mapped[str] = mapped_column(String(16), nullable=False)
+    preferred_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    preferred_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ticket_id: Mapped[str | None] = mapped_column(Text)
+    queue_position: Mapped[int | None] = mapped_column(Integer)
+    # For a cancelled request the Queue Service may hold: whether it has
+    # confirmed the cancellation (pending, confirmed, failed).
+    cancellation: Mapped[str | None] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index(
+            "ix_appointment_requests_patient_id",
+            "patient_id",
+            "created_at",
+            "id",
+        ),
+    )
+
+
+class OutboxMessage(Base):
+    """A call the Queue Service still owes an answer to, written in the
+    same transaction as the change that needs it.
+
+    ``next_attempt_at`` is both the schedule and the lease: a relay that
+    claims the row moves it past the call's deadline, so a relay that dies
+    mid-call leaves the row due again once the lease runs out.
+    """
+
+    __tablename__ = "outbox_messages"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    request_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("appointment_requests.id"), nullable=False
+    )
+    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # An attempt may have reached the Queue Service (it timed out, or is
+    # under way): giving up then means telling it to cancel.
+    maybe_delivered: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    last_error: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_outbox_messages_next_attempt_at", "next_attempt_at"),
+        Index(
+            "uq_outbox_messages_request_id_action", "request_id", "action", unique=True
+        ),
+    )

@@ -6,17 +6,15 @@ its audit record and its idempotency record.
 """
 
 import copy
-import hashlib
-import json
 import logging
 import re
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, insert, select, text, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import delete, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
+from patient import audit, idempotency
 from patient.errors import (
     DuplicatePatient,
     IdempotencyKeyReused,
@@ -28,7 +26,6 @@ from patient.errors import (
 from patient.fhir import check_limits, check_shape
 from patient.index import search_keys
 from patient.models import (
-    AuditEvent,
     IdempotencyRecord,
     Patient,
     PatientIdentifier,
@@ -39,7 +36,6 @@ from patient.text import UNSAFE_MESSAGE, is_unsafe
 
 log = logging.getLogger(__name__)
 
-MAX_KEY_CHARS = 255
 _VERSION = re.compile(r"[0-9]{1,9}")
 # About 50 ms of work an entry: a full batch stays well within the deadline
 # even with a few running at once.
@@ -55,7 +51,7 @@ def register_patient(session, resource, caller, idempotency_key=None, region=Non
     With a key seen before and the same resource, the first answer comes
     back and nothing is written.
     """
-    _check_key(idempotency_key)
+    idempotency.check_key(idempotency_key)
     check_limits(resource)
     outcome, stored = _register(
         session, resource, caller, idempotency_key, None, region
@@ -84,7 +80,7 @@ def register_patients(session, entries, caller, region=None):
     keys = [
         ("register", e.get("idempotency_key")) for e in entries if isinstance(e, dict)
     ]
-    _lock(session, _lock_keys(resources, keys))
+    idempotency.lock(session, _lock_keys(resources, keys))
 
     results = []
     for position, entry in enumerate(entries):
@@ -99,7 +95,7 @@ def _register_entry(session, entry, position, caller, region):
     if set(entry) - {"resource", "idempotency_key"}:
         return {"status": "invalid", "errors": {"entry": ["has unknown keys"]}}
     try:
-        _check_key(entry.get("idempotency_key"))
+        idempotency.check_key(entry.get("idempotency_key"))
         check_limits(entry["resource"])
         outcome, stored = _register(
             session,
@@ -131,10 +127,12 @@ def _register(
     session, resource, caller, idempotency_key, position, region, locked=False
 ):
     """Register one resource; ``locked`` when the batch holds its locks."""
-    scope, key = _key_for("register", idempotency_key, caller, position)
-    request_hash = _hash(resource)
+    scope, key = idempotency.key_for("register", idempotency_key, caller, position)
+    request_hash = idempotency.fingerprint(resource)
     # A repeat costs one read: its answer is there, validated the first time.
-    if key is not None and (seen := _answered(session, scope, key, request_hash)):
+    if key is not None and (
+        seen := idempotency.answered(session, scope, key, request_hash)
+    ):
         return REPLAYED, seen
 
     patient_id = uuid.uuid4()
@@ -143,7 +141,7 @@ def _register(
     check_shape(stored)
 
     if not locked:
-        _lock(session, _lock_keys([stored], [(scope, key)]))
+        idempotency.lock(session, _lock_keys([stored], [(scope, key)]))
     keys = search_keys(stored, region)
 
     # One savepoint holds the key's claim and the writes: a duplicate undoes
@@ -151,7 +149,7 @@ def _register(
     try:
         with session.begin_nested():
             if key is not None:
-                replay = _claim_key(session, scope, key, request_hash)
+                replay = idempotency.claim(session, scope, key, request_hash)
                 if replay is not None:
                     return REPLAYED, replay
             session.execute(
@@ -159,9 +157,9 @@ def _register(
                 [_patient_row(patient_id, 1, stored, now, keys, created_at=now)],
             )
             _write_search_keys(session, patient_id, keys)
-            _audit(session, patient_id, "create", 1, now, caller)
+            audit.record(session, "create", caller, now, patient_id, 1)
             if key is not None:
-                _record_answer(session, scope, key, patient_id, stored)
+                idempotency.record_answer(session, scope, key, patient_id, stored)
     except IntegrityError:
         raise _duplicate(session, keys) from None
 
@@ -170,7 +168,7 @@ def _register(
 
 
 def get_patient(session, patient_id):
-    row = _find(session, patient_id)
+    row = find_row(session, patient_id)
     return row.resource
 
 
@@ -200,30 +198,30 @@ def update_patient(
     if "id" in resource and not _same_id(resource["id"], patient_id):
         raise InvalidPatient({"id": ["must be the id of the patient updated"]})
 
-    scope, key = _key_for("update", None, caller, None)
-    request_hash = _hash([str(patient_id), resource, expected])
+    scope, key = idempotency.key_for("update", None, caller, None)
+    request_hash = idempotency.fingerprint([str(patient_id), resource, expected])
     try:
         with session.begin_nested():
             if key is not None:
-                replay = _claim_key(session, scope, key, request_hash)
+                replay = idempotency.claim(session, scope, key, request_hash)
                 if replay is not None:
                     return replay
 
-            row = _find(session, patient_id, lock=True)
+            row = find_row(session, patient_id, lock=True)
             if row.version != expected:
                 raise VersionConflict(str(row.id), expected, row.version)
             # The identifiers it gives up too: two updates swapping
             # identifiers would otherwise wait on each other.
-            _lock(session, _lock_keys([resource, row.resource], []))
+            idempotency.lock(session, _lock_keys([resource, row.resource], []))
             version, now = row.version + 1, datetime.now(UTC)
             stored = _with_server_fields(resource, row.id, version, now)
             check_shape(stored)
 
             keys = search_keys(stored, region)
             _replace(session, row.id, version, stored, now, keys)
-            _audit(session, row.id, "update", version, now, caller)
+            audit.record(session, "update", caller, now, row.id, version)
             if key is not None:
-                _record_answer(session, scope, key, row.id, stored)
+                idempotency.record_answer(session, scope, key, row.id, stored)
     except IntegrityError:
         raise _duplicate(session, keys, ignore=row.id) from None
     session.commit()
@@ -235,7 +233,7 @@ def deactivate_patient(session, patient_id, caller, expected_version=None, regio
     """Mark the patient inactive: a new version, still readable and
     searchable. Deactivating an inactive patient changes nothing."""
     expected = _version(expected_version, required=False)
-    row = _find(session, patient_id, lock=True)
+    row = find_row(session, patient_id, lock=True)
     if row.resource.get("active") is False:
         session.commit()
         return row.resource
@@ -251,32 +249,37 @@ def deactivate_patient(session, patient_id, caller, expected_version=None, regio
         .where(Patient.id == row.id)
         .values(version=version, resource=stored, active=False, last_updated=now)
     )
-    _audit(session, row.id, "deactivate", version, now, caller)
+    audit.record(session, "deactivate", caller, now, row.id, version)
     session.commit()
     log.info("deactivated patient %s at version %s", row.id, version)
     return stored
 
 
-def _find(session, patient_id, lock=False):
-    key = _patient_uuid(patient_id)
-    query = select(Patient).where(Patient.id == key)
-    if lock:
-        query = query.with_for_update()
-    row = session.execute(query).scalar_one_or_none() if key else None
+def find_row(session, patient_id, lock=False):
+    key, row = by_id(session, Patient, patient_id, "patient_id", lock)
     if row is None:
         raise PatientNotFound(str(key) if key else "")
     return row
 
 
-def _patient_uuid(patient_id):
-    if isinstance(patient_id, uuid.UUID):
-        return patient_id
-    if not isinstance(patient_id, str):
-        raise InvalidRequest({"patient_id": ["must be a string"]})
-    try:
-        return uuid.UUID(patient_id) if len(patient_id) <= 64 else None
-    except ValueError:
-        return None
+def by_id(session, model, raw_id, name, lock=False):
+    """``(key, row)`` for a row whose primary key is the UUID ``raw_id``;
+    the row is None when there is none or the id is malformed."""
+    if isinstance(raw_id, uuid.UUID):
+        key = raw_id
+    elif not isinstance(raw_id, str):
+        raise InvalidRequest({name: ["must be a string"]})
+    else:
+        try:
+            key = uuid.UUID(raw_id) if len(raw_id) <= 64 else None
+        except ValueError:
+            key = None
+    if key is None:
+        return None, None
+    query = select(model).where(model.id == key)
+    if lock:
+        query = query.with_for_update()
+    return key, session.execute(query).scalar_one_or_none()
 
 
 def _same_id(one, other):
@@ -300,28 +303,6 @@ def _version(value, required):
     return value
 
 
-def _check_key(idempotency_key):
-    if idempotency_key is None:
-        return
-    is_text = isinstance(idempotency_key, str)
-    if not is_text or not 0 < len(idempotency_key) <= MAX_KEY_CHARS:
-        message = f"must be a string of 1 to {MAX_KEY_CHARS} characters"
-        raise InvalidRequest({"idempotency_key": [message]})
-    if is_unsafe(idempotency_key):
-        raise InvalidRequest({"idempotency_key": [UNSAFE_MESSAGE]})
-
-
-def _key_for(action, idempotency_key, caller, position):
-    """The caller's key, or else the delivery's, so that a redelivered
-    message is answered from the first delivery."""
-    if idempotency_key is not None:
-        return action, idempotency_key
-    if caller.delivery_id:
-        suffix = "" if position is None else f"#{position}"
-        return f"delivery:{action}", f"{caller.delivery_id}{suffix}"
-    return None, None
-
-
 def _lock_keys(resources, keys):
     """Advisory lock numbers for the identifiers of ``resources`` and the
     idempotency ``keys``: the rows whose inserts could wait on each other."""
@@ -333,74 +314,7 @@ def _lock_keys(resources, keys):
                 system, value = identifier.get("system"), identifier.get("value")
                 if isinstance(system, str) and isinstance(value, str):
                     names.add(f"i|{system}|{value}")
-    return sorted(_lock_number(name) for name in names)
-
-
-def _lock_number(name):
-    digest = hashlib.blake2b(name.encode("utf-8", "replace"), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-def _lock(session, numbers):
-    """Take transaction-scoped advisory locks, in ascending order."""
-    if numbers:
-        session.execute(
-            text(
-                "SELECT pg_advisory_xact_lock(n)"
-                " FROM (SELECT unnest(CAST(:numbers AS bigint[])) AS n ORDER BY n) AS s"
-            ),
-            {"numbers": numbers},
-        )
-
-
-def _claim_key(session, scope, key, request_hash):
-    """Claim the key for this request, or return the first answer under it.
-
-    The insert waits on a concurrent holder of the same key until it commits
-    or rolls back, so two racing requests never both write.
-    """
-    claimed = session.execute(
-        pg_insert(IdempotencyRecord)
-        .values(
-            scope=scope,
-            key=key,
-            request_hash=request_hash,
-            created_at=datetime.now(UTC),
-        )
-        .on_conflict_do_nothing()
-        .returning(IdempotencyRecord.key)
-    ).first()
-    if claimed is not None:
-        return None
-
-    return _answered(session, scope, key, request_hash)
-
-
-def _answered(session, scope, key, request_hash):
-    """The answer kept under the key, or None if the key is new."""
-    record = session.execute(
-        select(IdempotencyRecord).where(
-            IdempotencyRecord.scope == scope, IdempotencyRecord.key == key
-        )
-    ).scalar_one_or_none()
-    if record is None:
-        return None
-    if record.request_hash != request_hash:
-        raise IdempotencyKeyReused()
-    return record.response
-
-
-def _record_answer(session, scope, key, patient_id, stored):
-    session.execute(
-        update(IdempotencyRecord)
-        .where(IdempotencyRecord.scope == scope, IdempotencyRecord.key == key)
-        .values(patient_id=patient_id, response=stored)
-    )
-
-
-def _hash(value):
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return sorted(idempotency.lock_number(name) for name in names)
 
 
 def _with_server_fields(resource, patient_id, version, now):
@@ -466,20 +380,6 @@ def _replace(session, patient_id, version, stored, now, keys):
     for table in (PatientIdentifier, PatientNameToken, PatientTelecom):
         session.execute(delete(table).where(table.patient_id == patient_id))
     _write_search_keys(session, patient_id, keys)
-
-
-def _audit(session, patient_id, action, version, now, caller):
-    session.execute(
-        insert(AuditEvent).values(
-            patient_id=patient_id,
-            action=action,
-            version=version,
-            occurred_at=now,
-            actor=caller.actor,
-            service=caller.service,
-            call_id=caller.call_id,
-        )
-    )
 
 
 def _duplicate(session, keys, ignore=None):

@@ -1,7 +1,9 @@
 """Wire formats of the service's own requests (not the FHIR resource, which
 ``patient.fhir`` checks)."""
 
-from marshmallow import Schema, ValidationError, fields, validate
+from datetime import UTC, datetime, timedelta
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from patient.text import UNSAFE_MESSAGE, is_unsafe
 
@@ -115,3 +117,73 @@ class SearchRequest(Schema):
         strict=True, load_default=20, validate=validate.Range(min=1, max=100)
     )
     cursor = Text(load_default=None, allow_none=True, validate=validate.Length(max=200))
+
+
+PRIORITIES = ("routine", "urgent")
+MODALITIES = ("video", "phone", "in_person")
+REQUEST_STATUSES = ("pending", "forwarded", "cancelled", "failed")
+MAX_REASON_CHARS = 2000
+# How far ahead a preferred window may start.
+MAX_LEAD_DAYS = 366
+
+
+class PreferredWindow(Schema):
+    """When the patient would like the appointment; both ends with a UTC
+    offset, the start before the end, and not over already."""
+
+    start = fields.AwareDateTime(required=True)
+    end = fields.AwareDateTime(required=True)
+
+    @validates_schema
+    def check_order(self, data, **kwargs):
+        now = datetime.now(UTC)
+        if data["start"] >= data["end"]:
+            raise ValidationError("must be before end", "start")
+        if data["end"] <= now:
+            raise ValidationError("must not be in the past", "end")
+        if data["start"] > now + timedelta(days=MAX_LEAD_DAYS):
+            raise ValidationError(
+                f"must be within {MAX_LEAD_DAYS} days from now", "start"
+            )
+
+
+class NewAppointmentRequest(Schema):
+    """What a patient asks for; unknown fields are refused."""
+
+    reason = Text(required=True, validate=validate.Length(min=1, max=MAX_REASON_CHARS))
+    priority = Text(load_default="routine", validate=validate.OneOf(PRIORITIES))
+    modality = Text(required=True, validate=validate.OneOf(MODALITIES))
+    preferred_window = fields.Nested(PreferredWindow, load_default=None)
+
+
+class ListAppointmentRequests(Schema):
+    status = Text(load_default=None, validate=validate.OneOf(REQUEST_STATUSES))
+    count = fields.Integer(
+        strict=True, load_default=20, validate=validate.Range(min=1, max=100)
+    )
+    cursor = Text(load_default=None, validate=validate.Length(max=200))
+
+
+class Ticket(Schema):
+    id = fields.String()
+    position = fields.Integer(allow_none=True)
+
+
+class AppointmentRequestView(Schema):
+    """An appointment request as callers get it."""
+
+    request_id = fields.UUID()
+    patient_id = fields.UUID()
+    status = fields.String(metadata={"enum": list(REQUEST_STATUSES)})
+    version = fields.String()
+    reason = fields.String()
+    priority = fields.String()
+    modality = fields.String()
+    preferred_window = fields.Nested(PreferredWindow, allow_none=True)
+    ticket = fields.Nested(Ticket, allow_none=True)
+    # For a cancelled request the Queue Service had: pending until it
+    # confirms, then confirmed (failed once the retries are spent).
+    cancellation = fields.String(allow_none=True)
+    failure_reason = fields.String(allow_none=True)
+    created_at = fields.AwareDateTime()
+    updated_at = fields.AwareDateTime()

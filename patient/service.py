@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta
 from nameko.dependency_providers import Config
 from nameko.timer import timer
 
-from patient import health, records, search
+from patient import appointments, health, outbox, records, relay, search
 from patient.db import PatientDatabase
-from patient.dependencies import CallerProvider, rpc
+from patient.dependencies import CallerProvider, rpc, setting_timer
 from patient.models import Base
+from patient.queue import QueueServiceRpc
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,15 @@ class PatientService:
     db = PatientDatabase(Base)
     caller = CallerProvider()
     config = Config()
+    queue_service = QueueServiceRpc()
 
     @property
     def region(self):
         return self.config.get("PHONE_REGION") or None
+
+    @property
+    def forward_policy(self):
+        return outbox.Policy.from_config(self.config)
 
     @rpc(sensitive_arguments=("patient",))
     def register_patient(self, patient, idempotency_key=None):
@@ -71,6 +77,48 @@ class PatientService:
             self.db.session, criteria, count, cursor, self.region
         )
 
+    @rpc(sensitive_arguments=("request",))
+    def request_appointment(self, patient_id, request, idempotency_key=None):
+        made = appointments.request_appointment(
+            self.db.session, patient_id, request, self.caller, idempotency_key
+        )
+        if made["status"] == appointments.PENDING:
+            relay.forward_now(
+                self.db.session,
+                self.queue_service,
+                self.forward_policy,
+                made["request_id"],
+            )
+            made = appointments.get_appointment_request(
+                self.db.session, made["request_id"]
+            )
+        return made
+
+    @rpc
+    def get_appointment_request(self, request_id):
+        return appointments.get_appointment_request(self.db.session, request_id)
+
+    @rpc
+    def list_appointment_requests(self, patient_id, status=None, count=20, cursor=None):
+        return appointments.list_appointment_requests(
+            self.db.session, patient_id, status, count, cursor
+        )
+
+    @rpc
+    def cancel_appointment_request(self, request_id):
+        return appointments.cancel_appointment_request(
+            self.db.session, request_id, self.caller
+        )
+
+    @setting_timer("OUTBOX_RELAY_INTERVAL_S", 1.0)
+    def relay_outbox(self):
+        """Forward what the Queue Service is still owed."""
+        try:
+            relay.relay_due(self.db.session, self.queue_service, self.forward_policy)
+        except Exception as exc:  # the next tick tries again
+            log.warning("outbox relay failed: %s", type(exc).__name__)
+            self.db.session.invalidate()
+
     @rpc
     def ping(self):
         """Touches nothing: the floor of an RPC round trip."""
@@ -84,7 +132,9 @@ class PatientService:
             "database": health.database_status(self.db.session, min(2.0, deadline / 2)),
             "broker": health.broker_status(self.config["AMQP_URI"]),
         }
-        return {"status": health.overall(checks), **checks}
+        # Never "down" for the Queue Service: requests wait in the outbox.
+        queue = health.queue_status(self.db.session, self.queue_service)
+        return {"status": health.overall(checks), **checks, "queue_service": queue}
 
     @timer(interval=PURGE_INTERVAL_S)
     def purge_delivery_records(self):

@@ -9,20 +9,24 @@ eventlet.monkey_patch()
 
 import os  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from alembic import command  # noqa: E402
 from alembic.config import Config as AlembicConfig  # noqa: E402
+from kombu import Connection  # noqa: E402
 from nameko.containers import ServiceContainer  # noqa: E402
 from nameko.standalone.rpc import ClusterRpcProxy  # noqa: E402
+from nameko.testing.utils import get_extension  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from patient.db import make_engine  # noqa: E402
 from patient.service import PatientService  # noqa: E402
+from queue_standin.service import Book, QueueServiceStandIn, TicketBook  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The team's real patient files sit beside the repository (CI lays a copy
@@ -35,6 +39,8 @@ ADMIN_DB_URI = os.environ.get(
 )
 RABBIT_URI = os.environ.get("TEST_AMQP_BASE_URI", "amqp://guest:guest@127.0.0.1:5672")
 TABLES = (
+    "outbox_messages",
+    "appointment_requests",
     "patient_identifiers",
     "patient_name_tokens",
     "patient_telecoms",
@@ -42,6 +48,17 @@ TABLES = (
     "audit_events",
     "patients",
 )
+
+# The Queue Service's deadline, retries and circuit, shortened for tests.
+QUEUE_SETTINGS = {
+    "QUEUE_CALL_DEADLINE_S": 1,
+    "QUEUE_BREAKER_FAILURES": 3,
+    "QUEUE_BREAKER_RESET_S": 1,
+    "OUTBOX_RELAY_INTERVAL_S": 0.2,
+    "FORWARD_BACKOFF_BASE_S": 0.2,
+    "FORWARD_BACKOFF_MAX_S": 1,
+    "FORWARD_MAX_ATTEMPTS": 4,
+}
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +122,7 @@ def config(db_uri, amqp_uri):
         "MAX_WORKERS": 10,
         "PHONE_REGION": "US",
         "DB_STATEMENT_TIMEOUT_MS": 5000,
+        **QUEUE_SETTINGS,
     }
 
 
@@ -159,3 +177,75 @@ def cluster(session_cluster, service):
 @pytest.fixture
 def patients(cluster):
     return cluster.patient_service
+
+
+class StandIn:
+    """The stand-in Queue Service on the tests' broker, started and stopped
+    at will; its tickets stay in a file across restarts."""
+
+    def __init__(self, config, path):
+        self.config = {**config, "QUEUE_STANDIN_DB": str(path)}
+        self.path = path
+        self.container = None
+
+    def start(self, **behaviour):
+        self.config.update(
+            {f"QUEUE_STANDIN_{k.upper()}": v for k, v in behaviour.items()}
+        )
+        self.container = ServiceContainer(QueueServiceStandIn, self.config)
+        self.container.start()
+        return self
+
+    def stop(self):
+        if self.container is not None:
+            self.container.stop()
+            self.container = None
+
+    def misbehave(self, **behaviour):
+        get_extension(self.container, Book).behaviour.update(behaviour)
+
+    def report(self):
+        """Every request_id it has seen: ticket, status, calls."""
+        return TicketBook(str(self.path)).report()
+
+
+@pytest.fixture
+def queue_stand_in(config, tmp_path):
+    """The stand-in Queue Service, not yet started."""
+    stand_in = StandIn(config, tmp_path / "tickets.db")
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture
+def queue_up(queue_stand_in):
+    """The stand-in Queue Service, running."""
+    return queue_stand_in.start()
+
+
+@pytest.fixture
+def no_queue_service(amqp_uri):
+    """No Queue Service has ever run: its queue does not exist."""
+    delete_queue(amqp_uri, "rpc-queue_service")
+
+
+def delete_queue(amqp_uri, name):
+    with Connection(amqp_uri) as connection:
+        channel = connection.channel()
+        try:
+            channel.queue_delete(name)
+        finally:
+            channel.close()
+
+
+def wait_for(check, timeout=20.0, interval=0.1):
+    """Poll ``check`` until it returns something true; fail after
+    ``timeout`` seconds with what it last returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still {result!r} after {timeout}s")
+        time.sleep(interval)
