@@ -42,7 +42,7 @@ def run(command, *, env=None, timeout=120):
         command, env=env, capture_output=True, text=True, timeout=timeout
     )
     if done.returncode != 0:
-        raise DrillError(f"{command[len(as_user('x'))]} failed: {done.stderr[-2000:]}")
+        raise DrillError(f"{' '.join(command)} failed: {done.stderr[-2000:]}")
     return done.stdout
 
 

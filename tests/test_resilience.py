@@ -4,7 +4,7 @@ errors, that calls succeed again without a restart, and that every
 acknowledged registration is stored exactly once.
 
 About eight minutes, so outside the default run:
-``scripts/test -m drill tests/test_resilience.py``. ``python -m drills``
+``scripts/test -m drill tests/test_resilience.py``. ``scripts/drills``
 runs the same drills and records their figures in docs/resilience.md.
 """
 
