@@ -3,7 +3,7 @@ breaks a dependency under load and checks that callers got fast, typed
 errors, that calls succeed again without a restart, and that every
 acknowledged registration is stored exactly once.
 
-About eight minutes, so outside the default run:
+About five minutes, so outside the default run:
 ``scripts/test -m drill tests/test_resilience.py``. ``scripts/drills``
 runs the same drills and records their figures in docs/resilience.md.
 """
