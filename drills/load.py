@@ -40,6 +40,7 @@ class Registration:
     keyed: bool
     patient_id: str | None = None
     attempts: int = 0
+    answered: Call | None = None
 
 
 class Caller:
@@ -75,8 +76,9 @@ class Caller:
             # proxy for the next call.
             outcome = _connection_outcome(exc)
             self.close()
-        self.calls.append(Call(kind, started, time.monotonic(), outcome))
-        return outcome, result
+        record = Call(kind, started, time.monotonic(), outcome)
+        self.calls.append(record)
+        return record, result
 
     def close(self):
         proxy, self.proxy, self.rpc = self.proxy, None, None
@@ -173,25 +175,25 @@ class Load:
         give_up = time.monotonic() + self.retry_for
         while True:
             registration.attempts += 1
-            outcome, stored = caller.call(
+            call, stored = caller.call(
                 "register", "register_patient", resource(value, serial), **kwargs
             )
-            if outcome == "ok":
+            if call.outcome == "ok":
                 registration.patient_id = stored["id"]
+                registration.answered = call
                 self.acknowledged.append(stored["id"])
-                return outcome
-            if not keyed or outcome not in RETRYABLE or time.monotonic() > give_up:
-                return outcome
+                return call.outcome
+            retryable = call.outcome in RETRYABLE
+            if not keyed or not retryable or time.monotonic() > give_up:
+                return call.outcome
             eventlet.sleep(0.2)
 
     def _reading(self, caller):
         if not self.acknowledged:
             eventlet.sleep(0.1)
             return "ok"
-        outcome, _ = caller.call(
-            "read", "get_patient", random.choice(self.acknowledged)
-        )
-        return outcome
+        call, _ = caller.call("read", "get_patient", random.choice(self.acknowledged))
+        return call.outcome
 
     def _searching(self, caller):
         acknowledged = [
@@ -201,13 +203,13 @@ class Load:
             eventlet.sleep(0.1)
             return "ok"
         value = random.choice(acknowledged)
-        outcome, page = caller.call(
+        call, page = caller.call(
             "search", "search_patients", {"identifier": f"|{value}"}, 5
         )
-        if outcome == "ok" and len(page["patients"]) != 1:
+        if call.outcome == "ok" and len(page["patients"]) != 1:
             # Recorded as its own outcome: an acknowledged patient missing.
-            self.calls[-1].outcome = "SearchMissed"
-        return outcome
+            call.outcome = "SearchMissed"
+        return call.outcome
 
     # What the calls add up to.
 
