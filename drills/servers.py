@@ -231,6 +231,13 @@ class Rabbit:
                 self.process.wait()
             self.process = None
 
+    def kill(self):
+        """SIGKILL the Erlang VM, as a crash would; the data stays."""
+        vm = int(Path(self.env["RABBITMQ_PID_FILE"]).read_text())
+        os.kill(vm, signal.SIGKILL)
+        self.process.wait(30)
+        self.process = None
+
     def destroy(self):
         if self.process is not None:
             with contextlib.suppress(DrillError, subprocess.TimeoutExpired):

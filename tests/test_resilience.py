@@ -3,7 +3,7 @@ breaks a dependency under load and checks that callers got fast, typed
 errors, that calls succeed again without a restart, and that every
 acknowledged registration is stored exactly once.
 
-About five minutes, so outside the default run:
+About six minutes, so outside the default run:
 ``scripts/test -m drill tests/test_resilience.py``. ``scripts/drills``
 runs the same drills and records their figures in docs/resilience.md.
 """
@@ -35,6 +35,10 @@ def test_paused_database_backends_hold_no_worker_past_the_deadline(env):
 
 def test_a_restarted_broker_is_reconnected_to_without_a_restart(env):
     assert scenarios.broker_restarted(env).failures == []
+
+
+def test_a_crashed_broker_is_reconnected_to_without_a_restart(env):
+    assert scenarios.broker_crashed(env).failures == []
 
 
 def test_a_killed_service_answers_redeliveries_without_duplicates(env):
