@@ -19,6 +19,8 @@ COPY alembic.ini config.yml ./
 COPY migrations/ migrations/
 COPY scripts/lib.sh scripts/serve scripts/
 COPY patient/ patient/
+COPY queue_standin/ queue_standin/
+RUN mkdir -p /var/lib/queue-standin && chown patient:patient /var/lib/queue-standin
 
 USER patient
 

@@ -73,7 +73,7 @@ class Delivery:
     payload: dict
 
 
-def claim_due(session, policy, limit, request_id=None):
+def claim_due(session, policy, limit, request_id=None, now=None):
     """Claim up to ``limit`` due messages (only the enqueue message of
     ``request_id``, if given) and lease them for one attempt.
 
@@ -81,7 +81,7 @@ def claim_due(session, policy, limit, request_id=None):
     the same message; the lease keeps a claimed message from coming due
     again while its call runs.
     """
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     query = (
         select(OutboxMessage, AppointmentRequest)
         .join(AppointmentRequest, AppointmentRequest.id == OutboxMessage.request_id)

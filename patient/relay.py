@@ -8,7 +8,7 @@ transaction open while the Queue Service is called.
 import logging
 
 from patient import outbox
-from patient.appointments import CANCEL, ENQUEUE
+from patient.appointments import CANCEL, ENQUEUE, get_appointment_request
 from patient.caller import Caller
 from patient.queue import CircuitOpen, QueueCallFailed
 
@@ -18,14 +18,24 @@ RELAY = Caller(actor="system:outbox-relay", service="patient_service")
 BATCH = 20
 
 
-def forward_now(session, queue, policy, request_id):
+def forward_now(session, queue, policy, made):
     """Try to forward a request just stored, if a call slot is free and the
-    circuit is closed; otherwise the relay will."""
+    circuit is closed; otherwise the relay will. Return the request as it
+    then stands."""
     if queue.circuit != "closed" or not queue.inline.acquire(blocking=False):
-        return
+        return made
     try:
-        for delivery in outbox.claim_due(session, policy, 1, request_id):
+        for delivery in outbox.claim_due(session, policy, 1, made["request_id"]):
             _deliver(session, queue, policy, delivery)
+        return get_appointment_request(session, made["request_id"])
+    except Exception as exc:  # it is stored: the relay will forward it
+        log.warning(
+            "could not forward appointment request %s at once: %s",
+            made["request_id"],
+            type(exc).__name__,
+        )
+        session.invalidate()
+        return made
     finally:
         queue.inline.release()
 

@@ -82,17 +82,11 @@ class PatientService:
         made = appointments.request_appointment(
             self.db.session, patient_id, request, self.caller, idempotency_key
         )
-        if made["status"] == appointments.PENDING:
-            relay.forward_now(
-                self.db.session,
-                self.queue_service,
-                self.forward_policy,
-                made["request_id"],
-            )
-            made = appointments.get_appointment_request(
-                self.db.session, made["request_id"]
-            )
-        return made
+        if made["status"] != appointments.PENDING:
+            return made
+        return relay.forward_now(
+            self.db.session, self.queue_service, self.forward_policy, made
+        )
 
     @rpc
     def get_appointment_request(self, request_id):

@@ -65,16 +65,26 @@ QUEUE_SETTINGS = {
 def db_uri():
     """A new database for this run, migrated to head, dropped afterwards."""
     name = f"patient_test_{RUN_ID}"
-    admin = make_engine(ADMIN_DB_URI).execution_options(isolation_level="AUTOCOMMIT")
+    uri = create_database(name)
+    yield uri
+    drop_database(name)
+
+
+def create_database(name):
+    """Create database ``name``, migrated to head; return its URI."""
+    admin = _admin_engine()
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
     uri = (
         make_url(ADMIN_DB_URI).set(database=name).render_as_string(hide_password=False)
     )
-
     migrate(uri, "head")
-    yield uri
+    return uri
 
+
+def drop_database(name):
+    admin = _admin_engine()
     with admin.connect() as conn:
         conn.execute(
             text(
@@ -85,6 +95,10 @@ def db_uri():
         )
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
+
+
+def _admin_engine():
+    return make_engine(ADMIN_DB_URI).execution_options(isolation_level="AUTOCOMMIT")
 
 
 def migrate(uri, revision):
@@ -101,10 +115,15 @@ def amqp_uri():
     """A RabbitMQ vhost of this run's own, so that a service running on the
     same broker never takes the tests' calls."""
     vhost = f"patient_test_{RUN_ID}"
+    yield create_vhost(vhost)
+    rabbitmqctl("delete_vhost", vhost)
+
+
+def create_vhost(vhost):
+    """Create ``vhost`` on the local broker; return its AMQP URI."""
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield f"{RABBIT_URI}/{vhost}"
-    rabbitmqctl("delete_vhost", vhost)
+    return f"{RABBIT_URI}/{vhost}"
 
 
 def rabbitmqctl(*args):

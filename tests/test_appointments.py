@@ -1,11 +1,18 @@
 """Appointment requests through the real broker and database, with the
 stand-in Queue Service where one is needed."""
 
+import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
+from eventlet.semaphore import Semaphore
+from nameko.testing.services import worker_factory
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from patient import records
+from patient.caller import SYSTEM
 from patient.errors import (
     AppointmentNotCancellable,
     AppointmentRequestNotFound,
@@ -16,6 +23,7 @@ from patient.errors import (
     PatientNotFound,
 )
 from patient.models import AppointmentRequest, AuditEvent, OutboxMessage
+from patient.service import PatientService
 from tests.conftest import QUEUE_SETTINGS, wait_for
 from tests.factories import patient
 
@@ -301,3 +309,33 @@ def test_health_reports_the_queue_service_degraded_never_the_service_down(
     assert health["status"] == "ok"
     assert health["queue_service"]["owed"] >= 1
     assert health["queue_service"]["circuit"] in ("open", "half_open")
+
+
+class BrokenQueue:
+    """A queue_service dependency whose client fails in an unforeseen way."""
+
+    circuit = "closed"
+    open_remaining = 0
+
+    def __init__(self):
+        self.inline = Semaphore(1)
+
+    def enqueue_appointment(self, request):
+        raise RuntimeError("unforeseen")
+
+
+def test_a_request_stored_survives_a_failure_to_forward_it_at_once(engine, db):
+    someone = records.register_patient(db, patient(), SYSTEM)
+    with Session(engine) as session:
+        service = worker_factory(
+            PatientService,
+            db=SimpleNamespace(session=session),
+            caller=SYSTEM,
+            config={},
+            queue_service=BrokenQueue(),
+        )
+        made = service.request_appointment(someone["id"], video_visit())
+
+    assert made["status"] == "pending"
+    stored = db.get(AppointmentRequest, uuid.UUID(made["request_id"]))
+    assert stored.status == "pending"

@@ -17,7 +17,9 @@ SECRET_BIRTH = "1931-07-29"
 SECRET_PHONE = "+44 20 7946 0958"
 SECRET_EMAIL = "zyxw.secret@example.org"
 SECRET_MRN = "MRN-SECRET-7781"
+SECRET_REASON = "Lumps behind the left knee since spring"
 SECRETS = [
+    SECRET_REASON,
     SECRET_NAME,
     SECRET_NAME.lower(),
     SECRET_GIVEN,
@@ -82,6 +84,16 @@ def test_a_full_run_at_debug_level_logs_no_personal_data(
     patients.search_patients({"family": SECRET_NAME[:5], "phone": SECRET_PHONE})
     patients.search_patients({"email": SECRET_EMAIL, "birthdate": SECRET_BIRTH})
     updated = patients.update_patient(stored["id"], {**stored, "gender": "other"}, 1)
+    visit = {"reason": SECRET_REASON, "modality": "video"}
+    made = patients.request_appointment(updated["id"], visit, "priv-visit")
+    patients.list_appointment_requests(updated["id"])
+    patients.cancel_appointment_request(made["request_id"])
+    with pytest.raises(PatientServiceError):
+        patients.request_appointment(
+            updated["id"], {**visit, "modality": SECRET_REASON}
+        )
+    with pytest.raises(PatientServiceError):
+        patients.request_appointment(updated["id"], {**visit, SECRET_REASON: 1})
     patients.deactivate_patient(updated["id"])
     patients.register_patients(
         [{"resource": example()}, {"resource": secret_patient()}]
