@@ -1,5 +1,6 @@
-"""A TCP relay to PostgreSQL that can stop passing bytes on, as a frozen
-database or a stalled network would, or pass them on late, as a slow one."""
+"""A TCP relay that can stop passing bytes on, as a frozen server or a
+stalled network would, pass them on late, as a slow one, or cut its
+connections with the bytes it holds, as a crash would."""
 
 import contextlib
 import socket
@@ -14,6 +15,7 @@ class Relay:
         self.port = self.server.getsockname()[1]
         self.paused = False
         self.delay = 0.0
+        self.sockets = set()
         self.thread = eventlet.spawn(self._accept)
 
     def _accept(self):
@@ -24,6 +26,7 @@ class Relay:
             except OSError:
                 client.close()
                 continue
+            self.sockets.update((client, upstream))
             eventlet.spawn(self._pipe, client, upstream)
             eventlet.spawn(self._pipe, upstream, client)
 
@@ -39,8 +42,16 @@ class Relay:
             pass
         finally:
             for sock in (source, sink):
+                self.sockets.discard(sock)
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+    def drop(self):
+        """Cut every open connection, discarding the bytes held back."""
+        for sock in list(self.sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.sockets.clear()
 
     def close(self):
         self.thread.kill()

@@ -193,7 +193,10 @@ class Rabbit:
 
     @property
     def uri(self):
-        return f"amqp://guest:guest@{HOST}:{self.port}/"
+        return self.uri_at(None)
+
+    def uri_at(self, port):
+        return f"amqp://guest:guest@{HOST}:{port or self.port}/"
 
     def _ctl(self, *args, timeout=120):
         command = [*as_user("rabbitmq"), "rabbitmqctl", "-q", "-n", self.node]
