@@ -108,8 +108,10 @@ def list_appointment_requests(session, patient_id, status=None, count=20, cursor
     )
     if options["status"] is not None:
         query = query.where(AppointmentRequest.status == options["status"])
+    # A cursor goes on only with the list it came from.
+    scope = f"{patient.id}|{options['status']}"
     if options["cursor"] is not None:
-        created_at, last_id = _read_cursor(options["cursor"])
+        created_at, last_id = _read_cursor(options["cursor"], scope)
         query = query.where(
             tuple_(AppointmentRequest.created_at, AppointmentRequest.id)
             < tuple_(created_at, last_id)
@@ -119,7 +121,7 @@ def list_appointment_requests(session, patient_id, status=None, count=20, cursor
     page, more = rows[: options["count"]], len(rows) > options["count"]
     return {
         "appointment_requests": [view(row) for row in page],
-        "next_cursor": _cursor(page[-1]) if more else None,
+        "next_cursor": _cursor(page[-1], scope) if more else None,
     }
 
 
@@ -238,14 +240,18 @@ def _flatten(messages, prefix=""):
     return flat
 
 
-def _cursor(row):
-    raw = f"{row.created_at.isoformat()}|{row.id}"
+def _cursor(row, scope):
+    raw = f"{row.created_at.isoformat()}|{row.id}|{scope}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
-def _read_cursor(cursor):
+def _read_cursor(cursor, scope):
     try:
-        created_at, last_id = base64.urlsafe_b64decode(cursor).decode().split("|")
+        created_at, last_id, rest = (
+            base64.urlsafe_b64decode(cursor).decode().split("|", 2)
+        )
+        if rest != scope:
+            raise ValueError("another list")
         return datetime.fromisoformat(created_at), uuid.UUID(last_id)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidRequest({"cursor": ["is not a cursor of this list"]}) from None

@@ -36,9 +36,9 @@ REFUSED = "refused-by-queue-service"
 class Policy:
     """How hard the relay tries; every figure is a setting."""
 
-    max_attempts: int = 10
+    max_attempts: int = 20
     backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
+    backoff_max_s: float = 300.0
     # Longer than a call's deadline: a claim outlives the call it covers.
     lease_s: float = 10.0
 

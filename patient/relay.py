@@ -40,9 +40,18 @@ def forward_now(session, queue, policy, made):
         queue.inline.release()
 
 
-def relay_due(session, queue, policy, limit=BATCH):
-    """Forward what is due; return how many messages were attempted."""
-    deliveries = outbox.claim_due(session, policy, limit)
+def relay_due(session, queue, policy, limit=BATCH, now=None):
+    """Forward what is due; return how many messages were attempted.
+
+    While the circuit is open nothing is claimed; when it lets trial calls
+    through, one message is the trial, so an outage spends one attempt of
+    one request at a time, not one of each.
+    """
+    if queue.circuit == "open":
+        return 0
+    if queue.circuit != "closed":
+        limit = 1
+    deliveries = outbox.claim_due(session, policy, limit, now=now)
     for position, delivery in enumerate(deliveries):
         if not _deliver(session, queue, policy, delivery):
             # The circuit opened: hand back the rest unsent.

@@ -147,10 +147,18 @@ class PreferredWindow(Schema):
             )
 
 
+def _not_blank(text):
+    if not text.strip():
+        raise ValidationError("must not be blank")
+
+
 class NewAppointmentRequest(Schema):
     """What a patient asks for; unknown fields are refused."""
 
-    reason = Text(required=True, validate=validate.Length(min=1, max=MAX_REASON_CHARS))
+    reason = Text(
+        required=True,
+        validate=[validate.Length(min=1, max=MAX_REASON_CHARS), _not_blank],
+    )
     priority = Text(load_default="routine", validate=validate.OneOf(PRIORITIES))
     modality = Text(required=True, validate=validate.OneOf(MODALITIES))
     preferred_window = fields.Nested(PreferredWindow, load_default=None)

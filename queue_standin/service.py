@@ -120,6 +120,9 @@ class Book(DependencyProvider):
             "fail_next": 0,
             "refusing": False,
         }
+        # Calls being handled right now, for drills that kill a caller
+        # mid-call.
+        self.in_flight = 0
 
     def get_dependency(self, worker_ctx):
         return self
@@ -168,7 +171,11 @@ class QueueServiceStandIn:
     def _act(self):
         behaviour = self.tickets.behaviour
         if behaviour["delay_s"]:
-            eventlet.sleep(behaviour["delay_s"])
+            self.tickets.in_flight += 1
+            try:
+                eventlet.sleep(behaviour["delay_s"])
+            finally:
+                self.tickets.in_flight -= 1
         if behaviour["fail_next"] > 0:
             behaviour["fail_next"] -= 1
             raise StandInFailure("told to fail")

@@ -20,11 +20,11 @@ from kombu import Connection  # noqa: E402
 from nameko.containers import ServiceContainer  # noqa: E402
 from nameko.standalone.rpc import ClusterRpcProxy  # noqa: E402
 from nameko.testing.utils import get_extension  # noqa: E402
-from sqlalchemy import text  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from patient.db import make_engine  # noqa: E402
+from patient.db import database_url, make_engine  # noqa: E402
 from patient.service import PatientService  # noqa: E402
 from queue_standin.service import Book, QueueServiceStandIn, TicketBook  # noqa: E402
 
@@ -98,7 +98,9 @@ def drop_database(name):
 
 
 def _admin_engine():
-    return make_engine(ADMIN_DB_URI).execution_options(isolation_level="AUTOCOMMIT")
+    # Not the service's engine: no statement timeout. Creating and dropping
+    # a database can take longer than a call may on a busy machine.
+    return create_engine(database_url(ADMIN_DB_URI), isolation_level="AUTOCOMMIT")
 
 
 def migrate(uri, revision):
@@ -223,8 +225,12 @@ class StandIn:
     def misbehave(self, **behaviour):
         get_extension(self.container, Book).behaviour.update(behaviour)
 
+    def in_flight(self):
+        """Calls it is handling right now (only while told to be slow)."""
+        return get_extension(self.container, Book).in_flight
+
     def report(self):
-        """Every request_id it has seen: ticket, status, calls."""
+        """Every request_id it has answered: ticket, status, calls."""
         return TicketBook(str(self.path)).report()
 
 

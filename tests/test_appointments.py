@@ -83,6 +83,7 @@ def test_the_priority_defaults_to_routine(patients, someone):
     [
         ({"priority": "routine", "modality": "video"}, "reason"),
         (video_visit(reason=""), "reason"),
+        (video_visit(reason=" \n "), "reason"),
         (video_visit(reason="x" * 2001), "reason"),
         (video_visit(reason="cough\x00"), "reason"),
         (video_visit(priority="stat"), "priority"),
@@ -181,9 +182,17 @@ def test_the_list_filters_by_status_and_refuses_bad_arguments(patients, someone)
     assert ids == [dropped["request_id"]]
     assert kept["request_id"] not in ids
 
-    for bad in ({"status": "lost"}, {"count": 0}, {"cursor": "bm9wZQ=="}):
+    page = patients.list_appointment_requests(someone["id"], count=1)
+    other = patients.register_patient(patient())
+    for patient_id, bad in [
+        (someone["id"], {"status": "lost"}),
+        (someone["id"], {"count": 0}),
+        (someone["id"], {"cursor": "bm9wZQ=="}),
+        (someone["id"], {"status": "pending", "cursor": page["next_cursor"]}),
+        (other["id"], {"cursor": page["next_cursor"]}),
+    ]:
         with pytest.raises(InvalidRequest):
-            patients.list_appointment_requests(someone["id"], **bad)
+            patients.list_appointment_requests(patient_id, **bad)
     with pytest.raises(PatientNotFound):
         patients.list_appointment_requests(UNKNOWN_ID)
 

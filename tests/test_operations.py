@@ -1,8 +1,11 @@
 """Health, migrations and unexpected failures."""
 
 import logging
+import re
 
 import pytest
+import yaml
+from nameko.cli.main import setup_yaml_parser
 from nameko.testing.services import entrypoint_hook
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
@@ -12,8 +15,11 @@ from patient import health
 from patient.dependencies import CallerProvider, rpc
 from patient.errors import InternalError
 from patient.models import Base
-from tests.conftest import migrate
+from tests.conftest import ROOT, migrate
 from tests.factories import patient
+
+# config.get("SETTING" or config["SETTING"], as the service reads them.
+SETTING = re.compile(r'config(?:\.get\(|\[)"([A-Za-z_]+)"')
 
 
 def test_health_reports_database_and_broker_up(patients):
@@ -101,3 +107,15 @@ def test_unexpected_errors_reach_the_caller_as_internal_error_with_a_reference(
 
 def test_ping_touches_nothing_and_answers(patients):
     assert patients.ping() == "pong"
+
+
+def test_every_setting_the_code_reads_is_in_config_yml():
+    setup_yaml_parser()
+    shipped = yaml.unsafe_load((ROOT / "config.yml").read_text())
+    read = set()
+    for package in ("patient", "queue_standin"):
+        for module in (ROOT / package).glob("*.py"):
+            read |= set(SETTING.findall(module.read_text()))
+
+    assert read, "no settings found: the pattern is stale"
+    assert read - set(shipped) == set()

@@ -7,9 +7,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from patient import outbox, records
+from patient import outbox, records, relay
 from patient.caller import SYSTEM
 from patient.models import AppointmentRequest, OutboxMessage
+from patient.queue import QueueCallFailed
 from tests.factories import patient
 
 # Far enough ahead that the running service's relay never finds these due.
@@ -88,3 +89,40 @@ def test_a_claimed_message_is_leased_until_past_its_call(engine, owed):
     assert [d.attempts for d in after] == [2] * 5
     assert all(d.was_maybe_delivered for d in after)
     assert {d.payload["reason"] for d in after} == {"check-up"}
+
+
+class DownQueue:
+    """The queue_service dependency of a Queue Service that never answers."""
+
+    def __init__(self, circuit):
+        self.circuit = circuit
+        self.open_remaining = 30
+        self.calls = 0
+
+    def enqueue_appointment(self, request):
+        self.calls += 1
+        raise QueueCallFailed("Timeout")
+
+
+def attempts(engine):
+    with Session(engine) as session:
+        return sorted(session.scalars(select(OutboxMessage.attempts)).all())
+
+
+@pytest.mark.parametrize(
+    ("circuit", "calls", "spent"),
+    [
+        ("closed", 5, [1, 1, 1, 1, 1]),
+        ("half_open", 1, [0, 0, 0, 0, 1]),
+        ("open", 0, [0, 0, 0, 0, 0]),
+    ],
+)
+def test_an_outage_spends_one_attempt_a_trial_not_one_of_each_request(
+    engine, owed, circuit, calls, spent
+):
+    queue = DownQueue(circuit)
+    with Session(engine) as session:
+        relay.relay_due(session, queue, POLICY, now=LATER)
+
+    assert queue.calls == calls
+    assert attempts(engine) == spent
