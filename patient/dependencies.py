@@ -12,7 +12,7 @@ from amqp.exceptions import AMQPError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.serialization import registry
 from nameko.constants import CALL_ID_STACK_CONTEXT_KEY
-from nameko.exceptions import IncorrectSignature
+from nameko.exceptions import IncorrectSignature, MethodNotFound
 from nameko.extensions import DependencyProvider
 from nameko.messaging import QueueConsumer
 from nameko.rpc import Rpc, RpcConsumer
@@ -42,7 +42,8 @@ _USER_ID = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,200}")
 # A batch of 100 resources at the 256 KiB limit, as JSON with \uXXXX
 # escapes (up to three times the UTF-8 size), with room for the envelope.
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024
-TOO_BIG = "must be uncompressed and at most 80 MiB"
+# One resource at that limit, escaped, and the other arguments.
+ONE_RESOURCE_BYTES = 1024 * 1024
 UNREADABLE = "must be a JSON object with args and kwargs"
 DEFAULT_CALL_DEADLINE_S = 8.0
 SLOW = "the patient database did not answer in time; retry later"
@@ -69,9 +70,11 @@ class GuardedQueueConsumer(QueueConsumer):
 
     def _screen(self, provider, consumer, message):
         size = len(message.body or b"")
-        if message.headers.get("compression") or size > MAX_MESSAGE_BYTES:
+        limit = _request_limit(provider, message)
+        if message.headers.get("compression") or size > limit:
             log.warning("refused a compressed or oversized message (%s bytes)", size)
-            self._refuse(provider, message, TOO_BIG)
+            mib = limit // (1024 * 1024)
+            self._refuse(provider, message, f"must be uncompressed, {mib} MiB at most")
             return
         try:
             body = message.decode()
@@ -92,6 +95,13 @@ class GuardedQueueConsumer(QueueConsumer):
             return
         # Answering publishes: not on the thread that reads the queue.
         self.container.spawn_managed_thread(functools.partial(refuse, message, reason))
+
+
+def _request_limit(provider, message):
+    limit = getattr(provider, "request_limit", None)
+    if limit is None:
+        return MAX_MESSAGE_BYTES
+    return limit(message.delivery_info.get("routing_key"))
 
 
 class GuardedRpcConsumer(RpcConsumer):
@@ -119,6 +129,13 @@ class GuardedRpcConsumer(RpcConsumer):
             self.queue_consumer.ack_message(message)
             return
         super().handle_message(body, message)
+
+    def request_limit(self, routing_key):
+        """The largest request the method takes, decoded or not."""
+        try:
+            return self.get_provider_for_method(routing_key).max_request_bytes
+        except (MethodNotFound, AttributeError):
+            return MAX_MESSAGE_BYTES
 
     def refuse(self, message, reason):
         """Answer a request that could not be read, if it says where and
@@ -152,6 +169,12 @@ class PatientRpc(Rpc):
     """
 
     rpc_consumer = GuardedRpcConsumer()
+
+    def __init__(self, *, max_request_bytes=MAX_MESSAGE_BYTES, **kwargs):
+        # A request over it is refused before it is decoded: decoding and
+        # checking 20 MB holds up every other worker for a while.
+        self.max_request_bytes = max_request_bytes
+        super().__init__(**kwargs)
 
     def check_signature(self, args, kwargs):
         # The method is wrapped by ``rpc`` below; check the arguments against
@@ -196,14 +219,18 @@ def _is_call_stack(stack):
     )
 
 
-def rpc(method=None, *, sensitive_arguments=()):
+def rpc(method=None, *, sensitive_arguments=(), max_request_bytes=MAX_MESSAGE_BYTES):
     """A PatientRpc entrypoint with a deadline, whose failures reach the
     caller typed: the database's as ``ServiceUnavailable``, anything
     unexpected as ``InternalError`` with a reference, logged without the
     exception's text (database errors quote the values they choked on)."""
 
     if method is None:
-        return functools.partial(rpc, sensitive_arguments=sensitive_arguments)
+        return functools.partial(
+            rpc,
+            sensitive_arguments=sensitive_arguments,
+            max_request_bytes=max_request_bytes,
+        )
 
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
@@ -241,7 +268,9 @@ def rpc(method=None, *, sensitive_arguments=()):
             raise _internal(method, exc) from None
 
     return PatientRpc.decorator(
-        expected_exceptions=EXPECTED_ERRORS, sensitive_arguments=sensitive_arguments
+        expected_exceptions=EXPECTED_ERRORS,
+        sensitive_arguments=sensitive_arguments,
+        max_request_bytes=max_request_bytes,
     )(guarded)
 
 

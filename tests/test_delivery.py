@@ -181,6 +181,23 @@ def test_an_unreadable_request_is_answered_with_invalid_request(
     assert patients.ping() == "pong"
 
 
+def test_a_single_resource_far_over_its_limit_is_refused_before_decoding(
+    config, patients
+):
+    huge = patient(text={"status": "generated", "div": "x" * 2_000_000})
+    body = json.dumps({"args": [huge], "kwargs": {}})
+
+    [reply] = call_raw(config["AMQP_URI"], "register_patient", body)
+
+    assert reply["error"]["exc_type"] == "InvalidRequest"
+    assert reply["error"]["exc_args"] == [
+        {"request": ["must be uncompressed, 1 MiB at most"]}
+    ]
+    # A batch may be larger; the entry alone is refused.
+    [entry] = patients.register_patients([{"resource": huge}])
+    assert entry["status"] == "invalid"
+
+
 def test_more_poison_is_dropped_and_the_service_goes_on(config, patients):
     body = json.dumps({"args": [], "kwargs": {}})
     uri = config["AMQP_URI"]
