@@ -14,7 +14,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from nameko.exceptions import RpcTimeout
 from nameko.standalone.rpc import ClusterRpcProxy
 
-import patient.errors  # noqa: F401 - registers the service's error types
+# Importing the errors registers them: callers get the service's types.
 from patient.errors import PatientServiceError
 
 # Answers a retry may change: the call did not (or may not) reach the

@@ -115,7 +115,7 @@ class GuardedRpcConsumer(RpcConsumer):
 
     Known shortcoming: one queue serves every caller in order, so a flood
     of requests, malformed or not, delays the calls behind it by its length
-    over the service's rate (about 260 malformed requests a second on a
+    over the service's rate (a few hundred malformed requests a second on a
     2-core machine). Fairness between callers needs a queue per caller or a
     rate limit in front of the service.
     """
@@ -138,8 +138,8 @@ class GuardedRpcConsumer(RpcConsumer):
             return MAX_MESSAGE_BYTES
 
     def refuse(self, message, reason):
-        """Answer a request that could not be read, if it says where and
-        in an encoding this service speaks; else drop it."""
+        """Answer a request refused unread, if it says where and in an
+        encoding this service speaks; else drop it."""
         serializer = registry.type_to_name.get(message.properties.get("content_type"))
         if not message.properties.get("reply_to") or (
             serializer not in self.container.accept
