@@ -23,5 +23,6 @@ COPY queue_standin/ queue_standin/
 RUN mkdir -p /var/lib/queue-standin && chown patient:patient /var/lib/queue-standin
 
 USER patient
+EXPOSE 8000
 
 ENTRYPOINT ["scripts/serve"]

@@ -45,7 +45,7 @@ def request_appointment(session, patient_id, request, caller, idempotency_key=No
     """
     idempotency.check_key(idempotency_key)
     scope, key = idempotency.key_for("appointment", idempotency_key, caller)
-    request_hash = idempotency.fingerprint([str(patient_id), request])
+    request_hash = idempotency.fingerprint([_canonical(patient_id), request])
     if key is not None and (
         seen := idempotency.answered(session, scope, key, request_hash)
     ):
@@ -240,6 +240,15 @@ def _flatten(messages, prefix=""):
     return flat
 
 
+def _canonical(patient_id):
+    """The id as the database writes it, so that a retry in other letter
+    case is the same request."""
+    try:
+        return str(uuid.UUID(str(patient_id)[:64]))
+    except ValueError:
+        return str(patient_id)
+
+
 def _cursor(row, scope):
     raw = f"{row.created_at.isoformat()}|{row.id}|{scope}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
@@ -250,8 +259,9 @@ def _read_cursor(cursor, scope):
         created_at, last_id, rest = (
             base64.urlsafe_b64decode(cursor).decode().split("|", 2)
         )
-        if rest != scope:
+        moment = datetime.fromisoformat(created_at)
+        if rest != scope or moment.tzinfo is None:
             raise ValueError("another list")
-        return datetime.fromisoformat(created_at), uuid.UUID(last_id)
+        return moment, uuid.UUID(last_id)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidRequest({"cursor": ["is not a cursor of this list"]}) from None

@@ -20,6 +20,8 @@ from nameko.timer import Timer
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from patient.auth import Principal
+from patient.auth import caller as http_caller
 from patient.caller import Caller
 from patient.errors import (
     EXPECTED_ERRORS,
@@ -220,10 +222,8 @@ def _is_call_stack(stack):
 
 
 def rpc(method=None, *, sensitive_arguments=(), max_request_bytes=MAX_MESSAGE_BYTES):
-    """A PatientRpc entrypoint with a deadline, whose failures reach the
-    caller typed: the database's as ``ServiceUnavailable``, anything
-    unexpected as ``InternalError`` with a reference, logged without the
-    exception's text (database errors quote the values they choked on)."""
+    """A PatientRpc entrypoint around ``guarded(method)``, refusing unread a
+    request over ``max_request_bytes``."""
 
     if method is None:
         return functools.partial(
@@ -232,8 +232,22 @@ def rpc(method=None, *, sensitive_arguments=(), max_request_bytes=MAX_MESSAGE_BY
             max_request_bytes=max_request_bytes,
         )
 
+    return PatientRpc.decorator(
+        expected_exceptions=EXPECTED_ERRORS,
+        sensitive_arguments=sensitive_arguments,
+        max_request_bytes=max_request_bytes,
+    )(guarded(method))
+
+
+def guarded(method):
+    """``method`` with a deadline, whose failures reach the caller typed:
+    the database's as ``ServiceUnavailable``, anything unexpected as
+    ``InternalError`` with a reference, logged without the exception's text
+    (database errors quote the values they choked on). Every entrypoint,
+    RPC and HTTP, wraps its method in this."""
+
     @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
+    def guarded_method(self, *args, **kwargs):
         config = getattr(self, "config", None) or {}
         deadline = float(config.get("CALL_DEADLINE_S", DEFAULT_CALL_DEADLINE_S))
         timer = eventlet.Timeout(deadline, DeadlinePassed())
@@ -263,15 +277,11 @@ def rpc(method=None, *, sensitive_arguments=(), max_request_bytes=MAX_MESSAGE_BY
             log.warning("no database connection free for %s", method.__name__)
             raise ServiceUnavailable(SLOW) from None
         except DBAPIError as exc:
-            raise _database_error(method, exc) from None
+            raise _database_error(method.__name__, exc) from None
         except Exception as exc:
-            raise _internal(method, exc) from None
+            raise internal_error(method.__name__, exc) from None
 
-    return PatientRpc.decorator(
-        expected_exceptions=EXPECTED_ERRORS,
-        sensitive_arguments=sensitive_arguments,
-        max_request_bytes=max_request_bytes,
-    )(guarded)
+    return guarded_method
 
 
 class DeadlinePassed(Exception):
@@ -296,28 +306,28 @@ def _abandon_database(service):
         db.session.invalidate()
 
 
-def _database_error(method, exc):
+def _database_error(name, exc):
     code = getattr(exc.orig, "pgcode", None)
     if exc.connection_invalidated or (
         code is None and isinstance(exc, OperationalError)
     ):
-        log.warning(
-            "database unreachable in %s: %s", method.__name__, type(exc.orig).__name__
-        )
+        log.warning("database unreachable in %s: %s", name, type(exc.orig).__name__)
         return ServiceUnavailable()
     if code in TRANSIENT_SQLSTATES:
-        log.warning("database busy in %s: SQLSTATE %s", method.__name__, code)
+        log.warning("database busy in %s: SQLSTATE %s", name, code)
         return ServiceUnavailable(SLOW)
-    return _internal(method, exc)
+    return internal_error(name, exc)
 
 
-def _internal(method, exc):
+def internal_error(name, exc):
+    """An ``InternalError`` for ``exc``, logged with its type, where it was
+    raised and a reference, never its text."""
     reference = uuid.uuid4().hex[:12]
     frames = "".join(traceback.format_tb(exc.__traceback__))
     log.error(
         "unexpected %s in %s, reference %s\n%s",
         type(exc).__name__,
-        method.__name__,
+        name,
         reference,
         frames,
     )
@@ -325,14 +335,19 @@ def _internal(method, exc):
 
 
 class CallerProvider(DependencyProvider):
-    """Injects the ``Caller`` of the current worker: the end user named in the
-    call's context data (``user_id``) if any, else the calling service."""
+    """Injects the ``Caller`` of the current worker: over HTTP, the token's
+    subject; over RPC, the end user named in the call's context data
+    (``user_id``) if any, else the calling service."""
 
     def get_dependency(self, worker_ctx):
         return _caller(worker_ctx)
 
 
 def _caller(worker_ctx):
+    user = worker_ctx.kwargs.get("user")
+    if isinstance(user, Principal):
+        return http_caller(user, worker_ctx.call_id)
+
     delivery_id = worker_ctx.data.pop(DELIVERY_KEY, None)
     stack = worker_ctx.call_id_stack
     service = stack[-2].split(".", 1)[0] if len(stack) > 1 else None

@@ -9,6 +9,18 @@ from sqlalchemy import text
 from patient import outbox
 
 
+def report(session, amqp_uri, call_deadline_s, queue):
+    """What ``health()`` and ``GET /health`` answer."""
+    checks = {
+        # Half the call's deadline: health answers "down", not a timeout.
+        "database": database_status(session, min(2.0, call_deadline_s / 2)),
+        "broker": broker_status(amqp_uri),
+    }
+    # Never "down" for the Queue Service: requests wait in the outbox.
+    queue_service = queue_status(session, queue)
+    return {"status": overall(checks), **checks, "queue_service": queue_service}
+
+
 def database_status(session, timeout=2.0):
     started = time.perf_counter()
     try:
@@ -39,17 +51,21 @@ def broker_status(amqp_uri, timeout=2.0):
 
 
 def queue_status(session, queue, stale_s=60.0):
-    """``degraded`` while the circuit to the Queue Service is not closed or
-    a message has been owed longer than ``stale_s``; never ``down``."""
+    """``degraded`` while this instance's circuit to the Queue Service is
+    open, a call owed to it has failed (in any instance), or one has been
+    owed longer than ``stale_s``; never ``down``."""
     status = {"circuit": queue.circuit}
     try:
         with eventlet.Timeout(2.0):
             status.update(outbox.backlog(session))
     except (Exception, eventlet.Timeout) as exc:
         session.invalidate()
-        status["backlog_error"] = type(exc).__name__
-    stale = status.get("oldest_s", 0) > stale_s
-    healthy = queue.circuit == "closed" and not stale and "backlog_error" not in status
+        return {"status": "degraded", **status, "backlog_error": type(exc).__name__}
+    healthy = (
+        queue.circuit != "open"
+        and status["failing"] == 0
+        and status["oldest_s"] <= stale_s
+    )
     return {"status": "up" if healthy else "degraded", **status}
 
 

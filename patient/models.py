@@ -7,6 +7,7 @@ from datetime import date, datetime
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Date,
     DateTime,
     ForeignKey,
@@ -180,6 +181,10 @@ class AppointmentRequest(Base):
             "patient_id",
             "created_at",
             "id",
+        ),
+        CheckConstraint(
+            "preferred_start < preferred_end",
+            name="ck_appointment_requests_preferred_window",
         ),
     )
 

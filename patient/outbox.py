@@ -142,6 +142,8 @@ def record_failure(
     """An attempt failed: try again later, or give up once the budget is
     spent (at once if the Queue Service refused the request)."""
     now = datetime.now(UTC)
+    # The request first, then its messages, as cancelling locks them.
+    row = find_row(session, delivery.request_id, lock=True)
     message = session.execute(
         select(OutboxMessage)
         .where(OutboxMessage.id == delivery.message_id)
@@ -165,7 +167,6 @@ def record_failure(
         return
 
     session.delete(message)
-    row = find_row(session, delivery.request_id, lock=True)
     if delivery.action == ENQUEUE and row.status == PENDING:
         row.failure_reason = REFUSED if permanent else EXHAUSTED
         if maybe_delivered:
@@ -203,13 +204,18 @@ def release(session, delivery, wait_s):
 
 
 def backlog(session):
-    """How many calls are owed, and how long the oldest has waited."""
-    count, oldest = session.execute(
-        select(func.count(), func.min(OutboxMessage.created_at))
+    """How many calls are owed, how many of them failed at least once (by
+    any instance), and how long the oldest has waited."""
+    count, failing, oldest = session.execute(
+        select(
+            func.count(),
+            func.count(OutboxMessage.last_error),
+            func.min(OutboxMessage.created_at),
+        )
     ).one()
     session.rollback()
     waited = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
-    return {"owed": count, "oldest_s": round(waited, 1)}
+    return {"owed": count, "failing": failing, "oldest_s": round(waited, 1)}
 
 
 def _payload(action, request):

@@ -5,10 +5,13 @@ Each attempt is claimed, made and recorded in three steps, with no database
 transaction open while the Queue Service is called.
 """
 
+import functools
 import logging
 
+import eventlet
+
 from patient import outbox
-from patient.appointments import CANCEL, ENQUEUE, get_appointment_request
+from patient.appointments import ENQUEUE, get_appointment_request
 from patient.caller import Caller
 from patient.queue import CircuitOpen, QueueCallFailed
 
@@ -26,7 +29,7 @@ def forward_now(session, queue, policy, made):
         return made
     try:
         for delivery in outbox.claim_due(session, policy, 1, made["request_id"]):
-            _deliver(session, queue, policy, delivery)
+            _record(session, queue, policy, delivery, *_call(queue, delivery))
         return get_appointment_request(session, made["request_id"])
     except Exception as exc:  # it is stored: the relay will forward it
         log.warning(
@@ -45,50 +48,58 @@ def relay_due(session, queue, policy, limit=BATCH, now=None):
 
     While the circuit is open nothing is claimed; when it lets trial calls
     through, one message is the trial, so an outage spends one attempt of
-    one request at a time, not one of each.
+    one request at a time, not one of each. The calls of a batch go side by
+    side, so that the batch ends within one deadline, well inside the
+    lease; their outcomes are recorded one by one.
     """
     if queue.circuit == "open":
         return 0
     if queue.circuit != "closed":
         limit = 1
     deliveries = outbox.claim_due(session, policy, limit, now=now)
-    for position, delivery in enumerate(deliveries):
-        if not _deliver(session, queue, policy, delivery):
-            # The circuit opened: hand back the rest unsent.
-            for unsent in deliveries[position + 1 :]:
-                outbox.release(session, unsent, queue.open_remaining)
-            return position
+    if not deliveries:
+        return 0
+    pool = eventlet.GreenPool(len(deliveries))
+    outcomes = list(pool.imap(functools.partial(_call, queue), deliveries))
+    for delivery, (reply, failure) in zip(deliveries, outcomes, strict=True):
+        _record(session, queue, policy, delivery, reply, failure)
     return len(deliveries)
 
 
-def _deliver(session, queue, policy, delivery):
-    """One attempt; False if the circuit is open."""
+def _call(queue, delivery):
+    """One attempt, touching no database: ``(reply, None)`` or ``(None,
+    failure)``."""
     try:
         if delivery.action == ENQUEUE:
-            reply = queue.enqueue_appointment(delivery.payload)
-        elif delivery.action == CANCEL:
-            reply = queue.cancel_appointment(delivery.request_id)
-    except CircuitOpen:
-        outbox.release(session, delivery, queue.open_remaining)
-        return False
+            return queue.enqueue_appointment(delivery.payload), None
+        queue.cancel_appointment(delivery.request_id)
+        return None, None
     except QueueCallFailed as exc:
+        return None, exc
+
+
+def _record(session, queue, policy, delivery, reply, failure):
+    if isinstance(failure, CircuitOpen):
+        outbox.release(session, delivery, queue.open_remaining)
+    elif failure is not None:
         log.warning(
             "%s of appointment request %s failed: %s (attempt %s)",
             delivery.action,
             delivery.request_id,
-            exc.error,
+            failure.error,
             delivery.attempts,
         )
         outbox.record_failure(
             session,
             delivery,
-            exc.error,
+            failure.error,
             policy,
             RELAY,
-            permanent=exc.refused,
-            undelivered=exc.undelivered,
+            permanent=failure.refused,
+            undelivered=failure.undelivered,
         )
-        return True
-    outbox.record_reply(session, delivery, reply, RELAY)
-    log.info("%s of appointment request %s done", delivery.action, delivery.request_id)
-    return True
+    else:
+        outbox.record_reply(session, delivery, reply, RELAY)
+        log.info(
+            "%s of appointment request %s done", delivery.action, delivery.request_id
+        )

@@ -100,6 +100,9 @@ _name = Text(validate=validate.Length(min=1, max=100))
 
 
 class SearchCriteria(Schema):
+    # FHIR's _id: the patient's id. A patient's own search over HTTP is
+    # narrowed with it.
+    id_ = StringOrList(Text(validate=validate.Length(min=1, max=64)), data_key="_id")
     name = StringOrList(_name)
     family = StringOrList(_name)
     given = StringOrList(_name)
@@ -125,20 +128,42 @@ REQUEST_STATUSES = ("pending", "forwarded", "cancelled", "failed")
 MAX_REASON_CHARS = 2000
 # How far ahead a preferred window may start.
 MAX_LEAD_DAYS = 366
+MAX_WINDOW_DAYS = 31
+MIN_OFFSET, MAX_OFFSET = timedelta(hours=-12), timedelta(hours=14)
+
+
+class UtcDateTime(fields.AwareDateTime):
+    """A date-time with a real-world UTC offset (-12:00 to +14:00), in a
+    year near ours, loaded as UTC."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        offset = moment.utcoffset()
+        if not MIN_OFFSET <= offset <= MAX_OFFSET:
+            raise ValidationError("has no real-world UTC offset")
+        this_year = datetime.now(UTC).year
+        if not this_year - 1 <= moment.year <= this_year + 2:
+            raise ValidationError("is too far from today")
+        return moment.astimezone(UTC)
 
 
 class PreferredWindow(Schema):
-    """When the patient would like the appointment; both ends with a UTC
-    offset, the start before the end, and not over already."""
+    """When the patient would like the appointment: the start before the
+    end, within a month of it, within MAX_LEAD_DAYS from now, and the window
+    not over already."""
 
-    start = fields.AwareDateTime(required=True)
-    end = fields.AwareDateTime(required=True)
+    start = UtcDateTime(required=True)
+    end = UtcDateTime(required=True)
 
     @validates_schema
     def check_order(self, data, **kwargs):
         now = datetime.now(UTC)
         if data["start"] >= data["end"]:
             raise ValidationError("must be before end", "start")
+        if data["end"] - data["start"] > timedelta(days=MAX_WINDOW_DAYS):
+            raise ValidationError(
+                f"must be at most {MAX_WINDOW_DAYS} days after start", "end"
+            )
         if data["end"] <= now:
             raise ValidationError("must not be in the past", "end")
         if data["start"] > now + timedelta(days=MAX_LEAD_DAYS):

@@ -12,7 +12,7 @@ import re
 import uuid
 
 from marshmallow import ValidationError
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import and_, exists, false, or_, select
 
 from patient.errors import InvalidSearch
 from patient.index import email_key, fold_query, phone_search_keys
@@ -79,6 +79,9 @@ def _messages(messages):
 
 
 def _conditions(parsed, region):
+    for value in parsed.get("id_", ()):
+        yield _id_condition(value)
+
     for param, parts in NAME_SEARCH_PARTS.items():
         for value in parsed.get(param, ()):
             yield _name_condition(param, value, parts)
@@ -103,6 +106,13 @@ def _conditions(parsed, region):
 
     if "active" in parsed:
         yield Patient.active.is_(parsed["active"])
+
+
+def _id_condition(value):
+    try:
+        return Patient.id == uuid.UUID(value)
+    except ValueError:
+        return false()
 
 
 def _name_condition(param, value, parts):

@@ -1,5 +1,5 @@
-"""The ``patient_service`` Nameko service: a thin adapter from RPC calls to
-the plain modules that hold the rules."""
+"""The ``patient_service`` Nameko service: a thin adapter from RPC calls
+and HTTP requests to the plain modules that hold the rules."""
 
 import logging
 from datetime import UTC, datetime, timedelta
@@ -7,7 +7,9 @@ from datetime import UTC, datetime, timedelta
 from nameko.dependency_providers import Config
 from nameko.timer import timer
 
-from patient import appointments, health, outbox, records, relay, search
+# The module, not the class: `nameko run` would take a class with
+# entrypoints found here for a service of its own.
+from patient import api, appointments, health, outbox, records, relay, search
 from patient.db import PatientDatabase
 from patient.dependencies import ONE_RESOURCE_BYTES, CallerProvider, rpc, setting_timer
 from patient.models import Base
@@ -18,7 +20,9 @@ log = logging.getLogger(__name__)
 PURGE_INTERVAL_S = 3600
 
 
-class PatientService:
+class PatientService(api.PatientApi):
+    """RPC methods here; the HTTP routes come from ``PatientApi``."""
+
     name = "patient_service"
 
     db = PatientDatabase(Base)
@@ -82,6 +86,11 @@ class PatientService:
         made = appointments.request_appointment(
             self.db.session, patient_id, request, self.caller, idempotency_key
         )
+        return self.forward_new_request(made)
+
+    def forward_new_request(self, made):
+        """Forward a request right after its commit (RPC and HTTP alike); the
+        outbox relay retries what this does not get through."""
         if made["status"] != appointments.PENDING:
             return made
         return relay.forward_now(
@@ -120,15 +129,13 @@ class PatientService:
 
     @rpc
     def health(self):
+        return self.health_report()
+
+    def health_report(self):
         deadline = float(self.config.get("CALL_DEADLINE_S", 8))
-        checks = {
-            # Half the call's deadline: health answers "down", not a timeout.
-            "database": health.database_status(self.db.session, min(2.0, deadline / 2)),
-            "broker": health.broker_status(self.config["AMQP_URI"]),
-        }
-        # Never "down" for the Queue Service: requests wait in the outbox.
-        queue = health.queue_status(self.db.session, self.queue_service)
-        return {"status": health.overall(checks), **checks, "queue_service": queue}
+        return health.report(
+            self.db.session, self.config["AMQP_URI"], deadline, self.queue_service
+        )
 
     @timer(interval=PURGE_INTERVAL_S)
     def purge_delivery_records(self):

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session  # noqa: E402
 from patient.db import database_url, make_engine  # noqa: E402
 from patient.service import PatientService  # noqa: E402
 from queue_standin.service import Book, QueueServiceStandIn, TicketBook  # noqa: E402
+from tests.http_client import TOKEN_SETTINGS, ApiClient, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The team's real patient files sit beside the repository (CI lays a copy
@@ -143,6 +144,9 @@ def config(db_uri, amqp_uri):
         "MAX_WORKERS": 10,
         "PHONE_REGION": "US",
         "DB_STATEMENT_TIMEOUT_MS": 5000,
+        "WEB_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
+        "MAX_BODY_BYTES": 1024 * 1024,
+        **TOKEN_SETTINGS,
         **QUEUE_SETTINGS,
     }
 
@@ -198,6 +202,18 @@ def cluster(session_cluster, service):
 @pytest.fixture
 def patients(cluster):
     return cluster.patient_service
+
+
+@pytest.fixture(scope="session")
+def api_base(config, running_service):
+    return f"http://{config['WEB_SERVER_ADDRESS']}"
+
+
+@pytest.fixture
+def api(api_base, service):
+    """HTTP to the running service, on an empty database."""
+    with ApiClient(api_base) as client:
+        yield client
 
 
 class StandIn:

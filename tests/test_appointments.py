@@ -106,6 +106,31 @@ def test_the_priority_defaults_to_routine(patients, someone):
             video_visit(preferred_window={"start": soon(24 * 400), "end": soon(9999)}),
             "preferred_window.start",
         ),
+        (
+            video_visit(
+                preferred_window={"start": "0001-01-01T00:00:00+14:00", "end": soon(2)}
+            ),
+            "preferred_window.start",
+        ),
+        (
+            video_visit(
+                preferred_window={"start": soon(1), "end": "9999-12-31T20:00:00-05:00"}
+            ),
+            "preferred_window.end",
+        ),
+        (
+            video_visit(
+                preferred_window={
+                    "start": "2030-01-01T10:00:00+23:59",
+                    "end": "2030-01-01T12:00:00+23:59",
+                }
+            ),
+            "preferred_window.start",
+        ),
+        (
+            video_visit(preferred_window={"start": soon(1), "end": soon(24 * 32)}),
+            "preferred_window.end",
+        ),
         ("a cough", "_schema"),
     ],
 )
@@ -136,6 +161,10 @@ def test_the_same_idempotency_key_returns_the_same_request(patients, someone, db
     again = patients.request_appointment(someone["id"], video_visit(), "visit-1")
 
     assert again["request_id"] == first["request_id"]
+    shouted = patients.request_appointment(
+        someone["id"].upper(), video_visit(), "visit-1"
+    )
+    assert shouted["request_id"] == first["request_id"]
     with pytest.raises(IdempotencyKeyReused):
         patients.request_appointment(
             someone["id"], video_visit(modality="phone"), "visit-1"
@@ -348,3 +377,17 @@ def test_a_request_stored_survives_a_failure_to_forward_it_at_once(engine, db):
     assert made["status"] == "pending"
     stored = db.get(AppointmentRequest, uuid.UUID(made["request_id"]))
     assert stored.status == "pending"
+
+
+def test_a_queue_service_answering_only_errors_shows_as_degraded(
+    patients, someone, queue_up
+):
+    queue_up.misbehave(failing=True)
+    patients.request_appointment(someone["id"], video_visit())
+
+    health = wait_for(
+        lambda: (h := patients.health())["queue_service"]["failing"] >= 1 and h
+    )
+
+    assert health["queue_service"]["status"] == "degraded"
+    assert health["status"] == "ok"

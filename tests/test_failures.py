@@ -2,6 +2,7 @@
 end within their deadline with a typed error, and nothing deadlocks."""
 
 import time
+import uuid
 
 import eventlet
 import pytest
@@ -17,6 +18,7 @@ from patient.errors import DuplicatePatient, ServiceUnavailable
 from patient.models import Patient, PatientIdentifier
 from patient.service import PatientService
 from tests.factories import patient
+from tests.http_client import ApiClient, free_port, token
 
 
 class StallingPatientService(PatientService):
@@ -47,6 +49,8 @@ def stalling(config, db_uri, proxy, clean_db):
             },
             "CALL_DEADLINE_S": 2,
             "DB_STATEMENT_TIMEOUT_MS": 1000,
+            # Its own port: a second listener on one port shares its traffic.
+            "WEB_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
         },
     )
     container.start()
@@ -244,3 +248,48 @@ def test_a_batch_too_slow_for_the_deadline_says_so(stalling, db):
     assert took < 5
     db.rollback()
     assert db.execute(select(func.count()).select_from(Patient)).scalar_one() == 0
+
+
+class UnreachableDatabaseService(PatientService):
+    name = "patient_service_without_database"
+
+
+@pytest.fixture
+def http_without_database(config):
+    """The service over HTTP with its database on a port nobody listens on."""
+    address = f"127.0.0.1:{free_port()}"
+    container = ServiceContainer(
+        UnreachableDatabaseService,
+        {
+            **config,
+            "DB_URIS": {
+                "patient_service_without_database:Base": (
+                    f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+                )
+            },
+            "WEB_SERVER_ADDRESS": address,
+        },
+    )
+    container.start()
+    with ApiClient(f"http://{address}") as client:
+        yield client
+    container.stop()
+
+
+def test_over_http_an_unreachable_database_is_503_and_health_says_so(
+    http_without_database,
+):
+    clinician = token("clinician")
+
+    read = http_without_database.get(f"/patients/{uuid.uuid4()}", as_=clinician)
+    write = http_without_database.post("/patients", as_=clinician, json=patient())
+    health = http_without_database.get("/health")
+
+    for response in (read, write):
+        assert response.status_code == 503
+        assert response.headers["Content-Type"] == "application/problem+json"
+        assert response.json()["code"] == "service-unavailable"
+        assert response.headers["Retry-After"]
+    assert health.status_code == 503
+    assert health.json()["database"]["status"] == "down"
+    assert health.json()["broker"]["status"] == "up"

@@ -2,12 +2,14 @@
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
+import eventlet
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from patient import outbox, records, relay
+from patient import health, outbox, records, relay
 from patient.caller import SYSTEM
 from patient.models import AppointmentRequest, OutboxMessage
 from patient.queue import QueueCallFailed
@@ -126,3 +128,35 @@ def test_an_outage_spends_one_attempt_a_trial_not_one_of_each_request(
 
     assert queue.calls == calls
     assert attempts(engine) == spent
+
+
+class SlowQueue:
+    """Answers every call after a pause, counting the calls under way."""
+
+    circuit = "closed"
+
+    def __init__(self):
+        self.running = self.most = 0
+
+    def enqueue_appointment(self, request):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        eventlet.sleep(0.05)
+        self.running -= 1
+        return {"status": "queued", "ticket_id": "T-1", "position": 1}
+
+
+def test_the_calls_of_a_batch_go_side_by_side(engine, owed):
+    queue = SlowQueue()
+    with Session(engine) as session:
+        relay.relay_due(session, queue, POLICY, now=LATER)
+
+    assert queue.most == len(owed)
+    assert attempts(engine) == []  # all answered
+
+
+def test_a_half_open_circuit_with_nothing_failing_is_not_degraded(engine, owed):
+    with Session(engine) as session:
+        status = health.queue_status(session, SimpleNamespace(circuit="half_open"))
+    assert status["status"] == "up"
+    assert status["owed"] == len(owed)

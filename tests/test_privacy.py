@@ -10,6 +10,7 @@ from nameko.cli.main import setup_yaml_parser
 from patient.errors import PatientServiceError
 from tests.conftest import ROOT
 from tests.factories import example, patient
+from tests.http_client import token
 
 SECRET_NAME = "Zyxwvutsrqponm"
 SECRET_GIVEN = "Qwertyuiopasd"
@@ -48,7 +49,7 @@ def shipped_logging_at_debug(monkeypatch):
     """The logging set-up of config.yml, with LOG_LEVEL=DEBUG."""
     monkeypatch.setenv("LOG_LEVEL", "DEBUG")
     setup_yaml_parser()
-    config = yaml.unsafe_load((ROOT / "config.yml").read_text())
+    config = yaml.safe_load((ROOT / "config.yml").read_text())
     logging.config.dictConfig({**config["LOGGING"], "handlers": {}, "root": {}})
     yield
     for name in config["LOGGING"]["loggers"]:
@@ -104,3 +105,42 @@ def test_a_full_run_at_debug_level_logs_no_personal_data(
     for secret in SECRETS:
         assert secret not in logged
     assert "Chalmers" not in logged
+
+
+def test_http_requests_at_debug_level_log_no_personal_data(
+    api, caplog, shipped_logging_at_debug
+):
+    caplog.set_level(logging.DEBUG)
+    clinician = token("clinician", sub="dr-privacy")
+
+    stored = api.post("/patients", as_=clinician, json=secret_patient()).json()
+    api.post("/patients", as_=clinician, json=secret_patient())  # duplicate
+    api.post("/patients", as_=clinician, json={**secret_patient(), SECRET_NAME: 1})
+    api.post(
+        "/patients",
+        as_=clinician,
+        data=f'{{"{SECRET_NAME}": 1, "{SECRET_NAME}": 2}}',
+        headers={"Content-Type": "application/json"},
+    )
+    for query in (
+        f"family={SECRET_NAME[:6]}&birthdate={SECRET_BIRTH}",
+        f"phone={SECRET_PHONE}&email={SECRET_EMAIL}",
+        f"identifier=urn:test:mrn|{SECRET_MRN}",
+        f"{SECRET_GIVEN}=1",
+    ):
+        api.get(f"/patients?{query}", as_=clinician)
+    api.get(f"/patients/{SECRET_NAME}", as_=clinician)
+    api.put(
+        f"/patients/{stored['id']}",
+        as_=clinician,
+        json={**stored, "gender": "other"},
+        headers={"If-Match": 'W/"1"'},
+    )
+
+    # The test's own HTTP client logs its requests whole.
+    service_records = [r for r in caplog.records if not r.name.startswith("urllib3")]
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in service_records)
+    assert stored["id"] in logged, "the log names the patient by id"
+    assert "/patients/<patient_id> 200" in logged, "requests are logged"
+    for secret in SECRETS:
+        assert secret not in logged

@@ -36,6 +36,10 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["patient_id"], ["patients.id"]),
         sa.PrimaryKeyConstraint("id"),
+        sa.CheckConstraint(
+            "preferred_start < preferred_end",
+            name="ck_appointment_requests_preferred_window",
+        ),
     )
     op.create_index(
         "ix_appointment_requests_patient_id",
