@@ -18,10 +18,11 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from nameko.standalone.rpc import ClusterRpcProxy
 
+from drills import http
 from drills.flood import Flood, malformed_requests
 from drills.load import Load
 from drills.relay import Relay
-from drills.servers import ROOT, Postgres, Rabbit, Service
+from drills.servers import ROOT, Postgres, Rabbit, Service, free_port
 
 # Short deadlines keep the drills short; the rules are the same as with the
 # defaults.
@@ -64,12 +65,17 @@ class Environment:
 
     @contextlib.contextmanager
     def service(self, db_port=None, amqp_port=None, **settings):
+        http_port = free_port()
         service = Service(
             self.workdir,
             self.rabbit.uri_at(amqp_port),
             self.postgres.uri(port=db_port),
-            **{**SETTINGS, **settings},
+            **SETTINGS,
+            **http.SETTINGS,
+            WEB_SERVER_ADDRESS=f"127.0.0.1:{http_port}",
+            **settings,
         )
+        service.http = http.Http(http_port)
         service.start()
         try:
             yield service
@@ -106,14 +112,18 @@ def database_stopped(env, outage_s=20):
     with env.service() as service, Load(env.rabbit.uri) as load:
         eventlet.sleep(WARM_UP_S)
         pid = service.process.pid
+        someone = f"/patients/{load.acknowledged[0]}"
         env.postgres.stop()
         down = time.monotonic()
         eventlet.sleep(2)
-        health, health_took = _probe(env, "health")
-        eventlet.sleep(outage_s - 2 - health_took)
+        health, _ = _probe(env, "health")
+        over_http = [service.http.call("GET", path) for path in (someone, "/health")]
+        eventlet.sleep(max(0, down + outage_s - time.monotonic()))
         env.postgres.start()
         up = time.monotonic()
-        eventlet.sleep(10)
+        eventlet.sleep(5)
+        after_http = service.http.call("GET", someone)
+        eventlet.sleep(5)
         load.stop()
         result.expect(
             service.alive and service.process.pid == pid, "the service process died"
@@ -131,6 +141,17 @@ def database_stopped(env, outage_s=20):
         max((c.took for c in failed), default=0)
     )
     result.measured["health during the outage"] = _health_summary(health)
+    result.measured["HTTP GET patient / GET health during the outage"] = [
+        f"{status} {code or ''} in {took:.2f} s" for status, code, took in over_http
+    ]
+    result.measured["HTTP GET patient after"] = after_http[0]
+    result.expect(
+        [status for status, _, _ in over_http] == [503, 503]
+        and over_http[0][1] == "service-unavailable"
+        and all(took <= DEADLINE_S + MARGIN_S for _, _, took in over_http),
+        "HTTP did not answer 503 within the deadline during the outage",
+    )
+    result.expect(after_http[0] == 200, "HTTP did not answer again after the outage")
     result.expect(
         failed and all(c.outcome == "ServiceUnavailable" for c in failed),
         "calls during the outage did not all fail with ServiceUnavailable",
