@@ -375,17 +375,19 @@ def many_slow_searches(env, searches=50, delay_s=0.2, idle_s=5):
 
 
 def malformed_flood(env, window_s=5):
-    """Drill 6: malformed requests flood the RPC queue."""
-    result = Result("6. malformed flood (RPC)")
+    """Drill 6: malformed requests flood the RPC queue and the HTTP port."""
+    result = Result("6. malformed flood (RPC and HTTP)")
     with env.service() as service, Load(env.rabbit.uri) as load:
         eventlet.sleep(WARM_UP_S)
         calm = time.monotonic()
         eventlet.sleep(window_s)
         flooding = time.monotonic()
+        over_http = eventlet.spawn(http.flood, service.http)
         with Flood(env.rabbit.uri) as flood:
             for kind, body in malformed_requests():
                 flood.send(kind, body)
             flood.collect(timeout=60)
+        http_answers, http_as_expected = over_http.wait()
         flooded = time.monotonic()
         eventlet.sleep(window_s)
         load.stop()
@@ -393,6 +395,11 @@ def malformed_flood(env, window_s=5):
 
     answers = flood.answers()
     result.measured["malformed requests"] = answers
+    result.measured["malformed HTTP requests"] = http_answers
+    result.expect(
+        http_as_expected,
+        "a malformed HTTP request got another answer than 400 or 413",
+    )
     result.measured["flood answered in (s)"] = _round(flooded - flooding)
     speeds = {}
     for window, since, until in (
