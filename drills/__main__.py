@@ -46,9 +46,8 @@ def main(argv=None):
             result = DRILLS[name](env)
             results.append(result)
             print(report.render([asdict(result)]), flush=True)
-
-    if not args.no_record:
-        report.record(results)
+            if not args.no_record:
+                report.record([result])
     return 1 if any(r.failures for r in results) else 0
 
 

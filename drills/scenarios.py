@@ -70,10 +70,12 @@ class Environment:
             self.workdir,
             self.rabbit.uri_at(amqp_port),
             self.postgres.uri(port=db_port),
-            **SETTINGS,
-            **http.SETTINGS,
-            WEB_SERVER_ADDRESS=f"127.0.0.1:{http_port}",
-            **settings,
+            **{
+                **SETTINGS,
+                **http.SETTINGS,
+                "WEB_SERVER_ADDRESS": f"127.0.0.1:{http_port}",
+                **settings,
+            },
         )
         service.http = http.Http(http_port)
         service.start()
