@@ -33,26 +33,36 @@ def engine_options(config):
 
     The pool holds a connection for every worker, so a full house of workers
     never waits for one; statement and connect timeouts bound every call.
+    After a burst, PostgreSQL closes the connections left idle longer than
+    ``DB_IDLE_TIMEOUT_S``: the pool hands out the most recently used ones
+    first, so only those beyond the working set sit idle, and a connection
+    is recycled before it could have idled that long.
     """
     workers = int(config.get("MAX_WORKERS", 10))
     statement_ms = int(config.get("DB_STATEMENT_TIMEOUT_MS", 5000))
+    idle_ms = int(float(config.get("DB_IDLE_TIMEOUT_S", 60)) * 1000)
     return {
         "pool_size": workers + 2,
         "max_overflow": 0,
         "pool_timeout": float(config.get("DB_POOL_TIMEOUT_S", 5)),
+        # Most recently used first: after a burst only the connections
+        # beyond the working set sit idle, and PostgreSQL closes them.
+        "pool_use_lifo": True,
         # A ping before every call is a round trip on every call. Without
         # it a connection the database dropped fails the one call that
         # finds it (ServiceUnavailable, retryable) and SQLAlchemy then
-        # replaces every connection opened before; recycling bounds how
-        # stale an idle one gets.
+        # replaces every connection opened before. Recycling before the
+        # idle timeout keeps a connection PostgreSQL closed for idling
+        # from ever being handed out.
         "pool_pre_ping": flag(config.get("DB_POOL_PRE_PING", False)),
-        "pool_recycle": RECYCLE_S,
+        "pool_recycle": min(RECYCLE_S, idle_ms / 2000),
         "hide_parameters": True,
         "connect_args": {
             "connect_timeout": int(config.get("DB_CONNECT_TIMEOUT_S", 3)),
             "application_name": "patient_service",
             "options": f"-c statement_timeout={statement_ms}"
-            f" -c idle_in_transaction_session_timeout={statement_ms * 6}",
+            f" -c idle_in_transaction_session_timeout={statement_ms * 6}"
+            f" -c idle_session_timeout={idle_ms}",
         },
     }
 

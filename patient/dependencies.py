@@ -12,6 +12,7 @@ import eventlet
 import kombu.serialization
 from amqp.exceptions import AMQPError
 from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.serialization import registry
 from nameko.amqp.publish import Publisher
 from nameko.constants import (
     AMQP_SSL_CONFIG_KEY,
@@ -21,7 +22,12 @@ from nameko.constants import (
     NON_PERSISTENT,
     PERSISTENT,
 )
-from nameko.exceptions import IncorrectSignature, UnserializableValueError, serialize
+from nameko.exceptions import (
+    IncorrectSignature,
+    MethodNotFound,
+    UnserializableValueError,
+    serialize,
+)
 from nameko.extensions import DependencyProvider
 from nameko.messaging import QueueConsumer
 from nameko.rpc import Rpc, RpcConsumer, get_rpc_exchange
@@ -35,6 +41,7 @@ from patient.caller import Caller
 from patient.errors import (
     EXPECTED_ERRORS,
     InternalError,
+    InvalidRequest,
     PatientServiceError,
     ServiceUnavailable,
 )
@@ -53,6 +60,9 @@ _USER_ID = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,200}")
 # A batch of 100 resources at the 256 KiB limit, as JSON with \uXXXX
 # escapes (up to three times the UTF-8 size), with room for the envelope.
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024
+# One resource at that limit, escaped, and the other arguments.
+ONE_RESOURCE_BYTES = 1024 * 1024
+UNREADABLE = "must be a JSON object with args and kwargs"
 DEFAULT_CALL_DEADLINE_S = 8.0
 SLOW = "the patient database did not answer in time; retry later"
 # Statement or lock timeouts, deadlocks, serialisation failures: the next
@@ -65,36 +75,51 @@ class GuardedQueueConsumer(QueueConsumer):
 
     kombu would inflate a compressed body of any size (a few kilobytes of
     bz2 become gigabytes) and log an undecodable body whole, patient data and
-    all. Compressed and oversized messages are dropped unread.
+    all. Compressed, oversized and undecodable messages are refused unread:
+    answered with ``InvalidRequest`` where the provider can answer them.
     """
 
     def get_consumers(self, consumer_cls, channel):
         consumers = super().get_consumers(consumer_cls, channel)
-        for consumer in consumers:
+        for provider, consumer in self._consumers.items():
             # With on_message set, kombu hands over the message undecoded.
-            consumer.on_message = functools.partial(self._screen, consumer)
+            consumer.on_message = functools.partial(self._screen, provider, consumer)
         return consumers
 
-    def _screen(self, consumer, message):
+    def _screen(self, provider, consumer, message):
         size = len(message.body or b"")
-        if message.headers.get("compression") or size > MAX_MESSAGE_BYTES:
-            log.warning("dropped a compressed or oversized message (%s bytes)", size)
-            message.ack()
+        limit = _request_limit(provider, message)
+        if message.headers.get("compression") or size > limit:
+            log.warning("refused a compressed or oversized message (%s bytes)", size)
+            mib = limit // (1024 * 1024)
+            self._refuse(provider, message, f"must be uncompressed, {mib} MiB at most")
             return
         try:
             body = message.decode()
         except Exception as exc:
-            self.on_decode_error(message, exc)
+            log.warning(
+                "refused a message that could not be decoded (%s, %s bytes)",
+                type(exc).__name__,
+                size,
+            )
+            self._refuse(provider, message, UNREADABLE)
             return
         consumer.receive(body, message)
 
-    def on_decode_error(self, message, exc):
-        log.warning(
-            "dropped a message that could not be decoded (%s, %s bytes)",
-            type(exc).__name__,
-            len(message.body or b""),
-        )
-        message.ack()
+    def _refuse(self, provider, message, reason):
+        refuse = getattr(provider, "refuse", None)
+        if refuse is None:
+            self.ack_message(message)
+            return
+        # Answering publishes: not on the thread that reads the queue.
+        self.container.spawn_managed_thread(functools.partial(refuse, message, reason))
+
+
+def _request_limit(provider, message):
+    limit = getattr(provider, "request_limit", None)
+    if limit is None:
+        return MAX_MESSAGE_BYTES
+    return limit(message.delivery_info.get("routing_key"))
 
 
 class GuardedRpcConsumer(RpcConsumer):
@@ -105,6 +130,12 @@ class GuardedRpcConsumer(RpcConsumer):
     without either made the answer fail with a KeyError that killed the
     service, and the unacknowledged request killed it again on every
     restart. A broker gone while a call ran killed it too.
+
+    Known shortcoming: one queue serves every caller in order, so a flood
+    of requests, malformed or not, delays the calls behind it by its length
+    over the service's rate (a few hundred malformed requests a second on a
+    2-core machine). Fairness between callers needs a queue per caller or a
+    rate limit in front of the service.
     """
 
     queue_consumer = GuardedQueueConsumer()
@@ -116,6 +147,26 @@ class GuardedRpcConsumer(RpcConsumer):
             self.queue_consumer.ack_message(message)
             return
         super().handle_message(body, message)
+
+    def request_limit(self, routing_key):
+        """The largest request the method takes, decoded or not."""
+        try:
+            return self.get_provider_for_method(routing_key).max_request_bytes
+        except (MethodNotFound, AttributeError):
+            return MAX_MESSAGE_BYTES
+
+    def refuse(self, message, reason):
+        """Answer a request refused unread, if it says where and in an
+        encoding this service speaks; else drop it."""
+        serializer = registry.type_to_name.get(message.properties.get("content_type"))
+        if not message.properties.get("reply_to") or (
+            serializer not in self.container.accept
+        ):
+            log.warning("dropped an unreadable request that cannot be answered")
+            self.queue_consumer.ack_message(message)
+            return
+        error = InvalidRequest({"request": [reason]})
+        self.handle_result(message, None, (InvalidRequest, error, None))
 
     def handle_result(self, message, result, exc_info):
         try:
@@ -192,6 +243,12 @@ class PatientRpc(Rpc):
 
     rpc_consumer = GuardedRpcConsumer()
 
+    def __init__(self, *, max_request_bytes=MAX_MESSAGE_BYTES, **kwargs):
+        # A request over it is refused before it is decoded: decoding and
+        # checking 20 MB holds up every other worker for a while.
+        self.max_request_bytes = max_request_bytes
+        super().__init__(**kwargs)
+
     def check_signature(self, args, kwargs):
         # The method is wrapped by ``rpc`` below; check the arguments against
         # the signature it was written with.
@@ -235,14 +292,21 @@ def _is_call_stack(stack):
     )
 
 
-def rpc(method=None, *, sensitive_arguments=()):
-    """A PatientRpc entrypoint around ``guarded(method)``."""
+def rpc(method=None, *, sensitive_arguments=(), max_request_bytes=MAX_MESSAGE_BYTES):
+    """A PatientRpc entrypoint around ``guarded(method)``, refusing unread a
+    request over ``max_request_bytes``."""
 
     if method is None:
-        return functools.partial(rpc, sensitive_arguments=sensitive_arguments)
+        return functools.partial(
+            rpc,
+            sensitive_arguments=sensitive_arguments,
+            max_request_bytes=max_request_bytes,
+        )
 
     return PatientRpc.decorator(
-        expected_exceptions=EXPECTED_ERRORS, sensitive_arguments=sensitive_arguments
+        expected_exceptions=EXPECTED_ERRORS,
+        sensitive_arguments=sensitive_arguments,
+        max_request_bytes=max_request_bytes,
     )(guarded(method))
 
 

@@ -11,7 +11,7 @@ from nameko.timer import timer
 # entrypoints found here for a service of its own.
 from patient import api, appointments, health, outbox, records, relay, search
 from patient.db import PatientDatabase
-from patient.dependencies import CallerProvider, rpc, setting_timer
+from patient.dependencies import ONE_RESOURCE_BYTES, CallerProvider, rpc, setting_timer
 from patient.models import Base
 from patient.queue import QueueServiceRpc
 
@@ -38,7 +38,7 @@ class PatientService(api.PatientApi):
     def forward_policy(self):
         return outbox.Policy.from_config(self.config)
 
-    @rpc(sensitive_arguments=("patient",))
+    @rpc(sensitive_arguments=("patient",), max_request_bytes=ONE_RESOURCE_BYTES)
     def register_patient(self, patient, idempotency_key=None):
         return records.register_patient(
             self.db.session, patient, self.caller, idempotency_key, self.region
@@ -58,7 +58,7 @@ class PatientService(api.PatientApi):
     def find_patient_by_identifier(self, system, value):
         return records.find_patient_by_identifier(self.db.session, system, value)
 
-    @rpc(sensitive_arguments=("patient",))
+    @rpc(sensitive_arguments=("patient",), max_request_bytes=ONE_RESOURCE_BYTES)
     def update_patient(self, patient_id, patient, expected_version):
         return records.update_patient(
             self.db.session,

@@ -22,6 +22,13 @@ from tests.factories import patient
 def call_twice(amqp_uri, method, args):
     """Publish one RPC request twice, with one correlation id, as a broker
     does when it redelivers; return both replies."""
+    body = json.dumps({"args": args, "kwargs": {}})
+    return call_raw(amqp_uri, method, body, times=2)
+
+
+def call_raw(amqp_uri, method, body, times=1, **properties):
+    """Publish ``body`` as it is, ``times`` times with one correlation id;
+    return the replies."""
     correlation_id = str(uuid.uuid4())
     exchange = Exchange("nameko-rpc", type="topic", durable=True)
     name = f"test-replies-{correlation_id}"
@@ -29,7 +36,6 @@ def call_twice(amqp_uri, method, args):
     reply_queue = Queue(
         name, exchange, routing_key=name, exclusive=True, auto_delete=True
     )
-    body = json.dumps({"args": args, "kwargs": {}})
     replies = []
     collect = lambda body, message: replies.append(body)  # noqa: E731
     with (
@@ -38,7 +44,7 @@ def call_twice(amqp_uri, method, args):
     ):
         consumer.consume()
         producer = conn.Producer(exchange=exchange)
-        for _ in range(2):
+        for _ in range(times):
             producer.publish(
                 body,
                 routing_key=f"patient_service.{method}",
@@ -46,8 +52,9 @@ def call_twice(amqp_uri, method, args):
                 reply_to=reply_queue.name,
                 content_type="application/json",
                 declare=[reply_queue],
+                **properties,
             )
-        while len(replies) < 2:
+        while len(replies) < times:
             conn.drain_events(timeout=10)
     return [r if isinstance(r, dict) else json.loads(r) for r in replies]
 
@@ -153,6 +160,44 @@ def test_an_undecodable_body_is_dropped_without_logging_it(config, patients, cap
 
     assert patients.ping() == "pong"
     assert "Undecodable" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        ('{"args": [{"resourceType": "Pat', {}),
+        (b"\xff\xfe not text", {}),
+        (bz2.compress(b'{"args": [], "kwargs": {}}'), {"compression": "bzip2"}),
+    ],
+    ids=["truncated JSON", "not UTF-8", "compressed"],
+)
+def test_an_unreadable_request_is_answered_with_invalid_request(
+    config, patients, body, headers
+):
+    [reply] = call_raw(config["AMQP_URI"], "ping", body, headers=headers)
+
+    assert reply["result"] is None
+    assert reply["error"]["exc_type"] == "InvalidRequest"
+    [errors] = reply["error"]["exc_args"]
+    assert list(errors) == ["request"]
+    assert patients.ping() == "pong"
+
+
+def test_a_single_resource_far_over_its_limit_is_refused_before_decoding(
+    config, patients
+):
+    huge = patient(text={"status": "generated", "div": "x" * 2_000_000})
+    body = json.dumps({"args": [huge], "kwargs": {}})
+
+    [reply] = call_raw(config["AMQP_URI"], "register_patient", body)
+
+    assert reply["error"]["exc_type"] == "InvalidRequest"
+    assert reply["error"]["exc_args"] == [
+        {"request": ["must be uncompressed, 1 MiB at most"]}
+    ]
+    # A batch may be larger; the entry alone is refused.
+    [entry] = patients.register_patients([{"resource": huge}])
+    assert entry["status"] == "invalid"
 
 
 def test_more_poison_is_dropped_and_the_service_goes_on(config, patients):

@@ -1,8 +1,6 @@
 """A database that stops answering, lock waits and crossing writes: calls
 end within their deadline with a typed error, and nothing deadlocks."""
 
-import contextlib
-import socket
 import time
 import uuid
 
@@ -14,47 +12,13 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from drills.relay import Relay
+from patient.db import make_engine
 from patient.errors import DuplicatePatient, ServiceUnavailable
 from patient.models import Patient, PatientIdentifier
 from patient.service import PatientService
 from tests.factories import patient
 from tests.http_client import ApiClient, free_port, token
-
-
-class PausableProxy:
-    """A TCP relay to PostgreSQL that can stop passing bytes on, as a frozen
-    database or a stalled network would."""
-
-    def __init__(self, port):
-        self.target = ("127.0.0.1", port)
-        self.server = eventlet.listen(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.paused = False
-        self.thread = eventlet.spawn(self._accept)
-
-    def _accept(self):
-        while True:
-            client, _ = self.server.accept()
-            upstream = eventlet.connect(self.target)
-            eventlet.spawn(self._pipe, client, upstream)
-            eventlet.spawn(self._pipe, upstream, client)
-
-    def _pipe(self, source, sink):
-        try:
-            while data := source.recv(65536):
-                while self.paused:
-                    eventlet.sleep(0.05)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self):
-        self.thread.kill()
-        self.server.close()
 
 
 class StallingPatientService(PatientService):
@@ -63,7 +27,7 @@ class StallingPatientService(PatientService):
 
 @pytest.fixture
 def proxy(db_uri):
-    relay = PausableProxy(make_url(db_uri).port or 5432)
+    relay = Relay(make_url(db_uri).port or 5432)
     yield relay
     relay.paused = False
     relay.close()
@@ -216,6 +180,35 @@ def test_connections_dropped_by_the_database_under_load_are_survived(
     assert outcomes.count("ok") > 0
     assert patients.ping() == "pong"
     assert patients.get_patient(stored["id"]) == stored
+
+
+def test_connections_beyond_the_working_set_close_when_idle(db_uri, engine):
+    pool = make_engine(db_uri, {"MAX_WORKERS": 3, "DB_IDLE_TIMEOUT_S": 1})
+    burst = [pool.connect() for _ in range(5)]
+    pids = [
+        conn.execute(text("SELECT pg_backend_pid()")).scalar_one() for conn in burst
+    ]
+    for conn in burst:
+        conn.close()
+
+    def still_open():
+        with engine.connect() as conn:
+            return conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"),
+                {"pids": pids},
+            ).scalar_one()
+
+    # One caller at a time, as a light load after the burst.
+    give_up = time.monotonic() + 15
+    while still_open() > 1 and time.monotonic() < give_up:
+        with pool.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        eventlet.sleep(0.2)
+
+    assert still_open() <= 1
+    with pool.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    pool.dispose()
 
 
 def test_updates_swapping_identifiers_never_deadlock(config, service, patients):
