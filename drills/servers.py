@@ -19,6 +19,12 @@ from nameko.standalone.rpc import ClusterRpcProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+# Debian's rabbitmq-server in sbin sends a node's output to the shared
+# /var/log/rabbitmq/startup_log; the script it wraps leaves that alone.
+RABBITMQ_SERVER = next(
+    (p for p in ("/usr/lib/rabbitmq/bin/rabbitmq-server",) if Path(p).exists()),
+    "rabbitmq-server",
+)
 
 
 class DrillError(Exception):
@@ -205,7 +211,7 @@ class Rabbit:
     def start(self):
         log = open(self.dir / "server.out", "ab")  # noqa: SIM115 - the server's
         self.process = subprocess.Popen(
-            [*as_user("rabbitmq"), "rabbitmq-server"],
+            [*as_user("rabbitmq"), RABBITMQ_SERVER],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
