@@ -26,6 +26,7 @@ import platform  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -372,6 +373,12 @@ def _method(name):
 # --- the service processes ------------------------------------------------
 
 
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_services(db_uri, amqp_uri, processes, vhost, **settings):
     env = {
         **os.environ,
@@ -385,7 +392,9 @@ def start_services(db_uri, amqp_uri, processes, vhost, **settings):
         subprocess.Popen(  # noqa: S603 - our own command line
             [nameko, "run", "--config", "config.yml", "patient.service"],
             cwd=ROOT,
-            env=env,
+            # Each process listens for HTTP on a port of its own: a second
+            # one on the same port fails to start.
+            env={**env, "WEB_SERVER_ADDRESS": f"127.0.0.1:{_free_port()}"},
             stdout=subprocess.DEVNULL,
         )
         for _ in range(processes)
