@@ -70,7 +70,9 @@ def engine_options(config):
 def read_only(session):
     """Run the session's reads without a transaction: no BEGIN and no
     ROLLBACK, two round trips fewer for a call that reads one statement.
-    Call before the session's first statement; the connection is in a
+    Call before the session's first statement, and only in a call that
+    writes nothing afterwards: on the autocommit connection a later write
+    would have no transaction (a savepoint fails). The connection is in a
     transaction again once it goes back to the pool."""
     session.connection().connection.dbapi_connection.autocommit = True
 

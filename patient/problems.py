@@ -120,10 +120,6 @@ STATUS = {
 HTTP_ERRORS = tuple(STATUS)
 
 
-def status_of(error_type):
-    return STATUS[error_type][0]
-
-
 def problem(exc, reveal_holder=True):
     """The problem details response for ``exc``, one of ``HTTP_ERRORS``.
 

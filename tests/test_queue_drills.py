@@ -50,14 +50,9 @@ VISIT = {"reason": "follow-up", "priority": "routine", "modality": "phone"}
 
 
 @pytest.fixture(scope="module")
-def config(world):
-    """The drills' world is the config of every fixture here, the stand-in
-    Queue Service's included."""
-    return world
-
-
-@pytest.fixture(scope="module")
-def world():
+def config():
+    """A database and vhost of the drills' own, for every fixture here,
+    the stand-in Queue Service's included."""
     name = f"patient_drills_{RUN_ID}"
     db_uri = create_database(name)
     amqp_uri = create_vhost(name)
@@ -77,8 +72,8 @@ def world():
 
 
 @pytest.fixture
-def engine(world):
-    engine = make_engine(world["DB_URIS"]["patient_service:Base"])
+def engine(config):
+    engine = make_engine(config["DB_URIS"]["patient_service:Base"])
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
     yield engine
@@ -86,7 +81,7 @@ def engine(world):
 
 
 @pytest.fixture
-def instances(world, engine):
+def instances(config, engine):
     """Starts Patient Service instances in this process; stops them all."""
     started = []
 
@@ -94,7 +89,7 @@ def instances(world, engine):
         # Each instance listens for HTTP on a port of its own.
         address = f"127.0.0.1:{free_port()}"
         container = ServiceContainer(
-            PatientService, {**world, "WEB_SERVER_ADDRESS": address}
+            PatientService, {**config, "WEB_SERVER_ADDRESS": address}
         )
         container.start()
         started.append(container)
@@ -111,8 +106,8 @@ def stand_in(queue_stand_in):
 
 
 @pytest.fixture
-def rpc(world):
-    with ClusterRpcProxy(world, timeout=CALLER_TIMEOUT_S) as proxy:
+def rpc(config):
+    with ClusterRpcProxy(config, timeout=CALLER_TIMEOUT_S) as proxy:
         yield proxy.patient_service
 
 
@@ -173,9 +168,9 @@ def figures(drill, **measured):
 
 
 def test_drill_1_requests_wait_for_a_queue_service_that_never_started(
-    world, engine, instances, stand_in, rpc
+    config, engine, instances, stand_in, rpc
 ):
-    delete_queue(world["AMQP_URI"], "rpc-queue_service")
+    delete_queue(config["AMQP_URI"], "rpc-queue_service")
     instances()
     someone = rpc.register_patient(patient())
 
@@ -194,7 +189,7 @@ def test_drill_1_requests_wait_for_a_queue_service_that_never_started(
 
 
 def test_drill_2_a_stopped_queue_service_delays_nothing_and_loses_nothing(
-    world, engine, instances, stand_in, rpc
+    config, engine, instances, stand_in, rpc
 ):
     instances()
     someone = rpc.register_patient(patient())
@@ -221,7 +216,7 @@ def test_drill_2_a_stopped_queue_service_delays_nothing_and_loses_nothing(
 
 
 def test_drill_3_a_queue_service_slower_than_the_deadline_is_retried(
-    world, engine, instances, stand_in, rpc
+    config, engine, instances, stand_in, rpc
 ):
     instances()
     someone = rpc.register_patient(patient())
@@ -247,9 +242,9 @@ def test_drill_3_a_queue_service_slower_than_the_deadline_is_retried(
 
 
 def test_drill_4_two_instances_forward_each_of_200_requests_once(
-    world, engine, instances, stand_in, rpc
+    config, engine, instances, stand_in, rpc
 ):
-    delete_queue(world["AMQP_URI"], "rpc-queue_service")
+    delete_queue(config["AMQP_URI"], "rpc-queue_service")
     instances(), instances()
     someone = rpc.register_patient(patient())
 
@@ -262,23 +257,23 @@ def test_drill_4_two_instances_forward_each_of_200_requests_once(
 
 
 def test_drill_5_an_instance_killed_mid_forward_loses_and_doubles_nothing(
-    world, engine, stand_in, rpc
+    config, engine, stand_in, rpc
 ):
     stand_in.start(delay_s=0.5)
-    service = start_process(world)
+    service = start_process(config)
     someone = rpc.register_patient(patient())
 
     # Requests in flight, each waiting on the slow Queue Service, when the
     # process is killed: callers time out and retry with their keys.
     pool = eventlet.GreenPool(10)
     calls = [
-        pool.spawn(request_once, world, someone["id"], f"kill-{n}") for n in range(10)
+        pool.spawn(request_once, config, someone["id"], f"kill-{n}") for n in range(10)
     ]
     eventlet.sleep(0.3)
     service.send_signal(signal.SIGKILL)
     service.wait()
     answered = [made for made, _ in (c.wait() for c in calls)]
-    service = start_process(world)
+    service = start_process(config)
     try:
         ids = [
             rpc.request_appointment(someone["id"], VISIT, f"kill-{n}")["request_id"]
@@ -303,7 +298,7 @@ def test_drill_5_an_instance_killed_mid_forward_loses_and_doubles_nothing(
 
 
 def test_drill_6_a_burst_while_the_queue_service_is_down_never_hangs(
-    world, engine, instances, stand_in, rpc
+    config, engine, instances, stand_in, rpc
 ):
     instances()
     someone = rpc.register_patient(patient())
@@ -313,7 +308,9 @@ def test_drill_6_a_burst_while_the_queue_service_is_down_never_hangs(
     pool = eventlet.GreenPool(50)
     started = datetime.now(UTC)
     results = list(
-        pool.imap(lambda n: request_once(world, someone["id"], f"burst-{n}"), range(50))
+        pool.imap(
+            lambda n: request_once(config, someone["id"], f"burst-{n}"), range(50)
+        )
     )
     took = [t for _, t in results]
 
@@ -322,17 +319,17 @@ def test_drill_6_a_burst_while_the_queue_service_is_down_never_hangs(
     figures(
         6,
         calls=50,
-        max_workers=world["max_workers"],
+        max_workers=config["max_workers"],
         slowest_s=max(took),
         median_s=statistics.median(took),
         wall_s=(datetime.now(UTC) - started).total_seconds(),
     )
 
 
-def request_once(world, patient_id, key):
+def request_once(config, patient_id, key):
     """One request from a caller of its own: the answer (None if the call
     timed out) and how long the call took."""
-    with ClusterRpcProxy(world, timeout=CALLER_TIMEOUT_S) as proxy:
+    with ClusterRpcProxy(config, timeout=CALLER_TIMEOUT_S) as proxy:
         started = time.perf_counter()
         try:
             made = proxy.patient_service.request_appointment(patient_id, VISIT, key)
@@ -341,12 +338,12 @@ def request_once(world, patient_id, key):
         return made, time.perf_counter() - started
 
 
-def start_process(world):
+def start_process(config):
     """The service as operators run it, in a process of its own."""
     env = {
         **os.environ,
-        "AMQP_URI": world["AMQP_URI"],
-        "DB_URI": world["DB_URIS"]["patient_service:Base"],
+        "AMQP_URI": config["AMQP_URI"],
+        "DB_URI": config["DB_URIS"]["patient_service:Base"],
         "LOG_LEVEL": "WARNING",
         "WEB_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
         "JWT_SECRET": TOKEN_SETTINGS["JWT_SECRET"],
@@ -359,7 +356,7 @@ def start_process(world):
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    with ClusterRpcProxy(world, timeout=1) as proxy:
+    with ClusterRpcProxy(config, timeout=1) as proxy:
 
         def answers():
             try:
