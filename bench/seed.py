@@ -189,10 +189,12 @@ def _check_empty(conn, replace):
         if cur.fetchone()[0]:
             if not replace:
                 sys.exit("the database holds patients; --replace empties it")
+            # CASCADE: appointment requests and their outbox refer to
+            # patients, and a seeded database starts without them.
             cur.execute(
                 "TRUNCATE patients, idempotency_records, "
                 + ", ".join(TABLES[1:])
-                + " RESTART IDENTITY"
+                + " RESTART IDENTITY CASCADE"
             )
     conn.commit()
 

@@ -1,11 +1,16 @@
 """The database connection: URL, engine settings and the Nameko dependency."""
 
+import functools
+import hashlib
 import logging
+import re
 
+import psycopg2
 from nameko_sqlalchemy import Database
 from nameko_sqlalchemy.database import Session
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
 from patient.settings import flag
@@ -77,11 +82,102 @@ def read_only(session):
     session.connection().connection.dbapi_connection.autocommit = True
 
 
+def prepared(statement):
+    """``statement``, run as a PostgreSQL prepared statement: parsed and
+    planned once per connection instead of on every call (psycopg2 prepares
+    nothing itself). For the hot reads, whose planning cost more than their
+    execution."""
+    return statement.execution_options(prepare=True)
+
+
+def read_first(session, name, sql, parameters):
+    """The first row of a fixed read, or None, on a connection of the
+    session's pool but outside the session: for calls that read one
+    statement and write nothing.
+
+    A primary-key read costs PostgreSQL about 0.1 ms; SQLAlchemy's session,
+    statement and result machinery cost more than that, and PostgreSQL's
+    parsing and planning about as much again. So the read runs on the bare
+    driver connection, without a transaction (no BEGIN, no ROLLBACK), as a
+    statement prepared once per connection under ``name``. ``sql`` takes
+    psycopg2's ``%(name)s`` placeholders. A failed read drops its connection
+    (it may be mid-statement) and raises SQLAlchemy's error, as the
+    session would.
+    """
+    engine, connection = session.bind, None
+    try:
+        connection = engine.raw_connection()
+        driver = connection.driver_connection
+        driver.autocommit = True
+        with driver.cursor() as cursor:
+            statement = _prepare(connection, cursor, name, sql)
+            cursor.execute(statement, parameters)
+            row = cursor.fetchone()
+    except BaseException as exc:
+        if connection is not None:
+            connection.invalidate()
+        if isinstance(exc, psycopg2.Error):
+            raise DBAPIError.instance(
+                sql,
+                parameters,
+                exc,
+                psycopg2.Error,
+                hide_parameters=True,
+                connection_invalidated=engine.dialect.is_disconnect(exc, None, None),
+            ) from exc
+        raise
+    connection.close()
+    return row
+
+
+# psycopg2's placeholders, and its escaped percent sign.
+_PLACEHOLDER = re.compile(r"%\(([^)]+)\)s|%%")
+
+
+def _run_prepared(conn, cursor, statement, parameters, context, executemany):
+    """Run a statement marked by ``prepared`` as ``EXECUTE``, named after
+    its text."""
+    if executemany or not context.execution_options.get("prepare"):
+        return statement, parameters
+    name = "p_" + hashlib.blake2b(statement.encode(), digest_size=10).hexdigest()
+
+    return _prepare(conn.connection, cursor, name, statement), parameters
+
+
+def _prepare(connection, cursor, name, statement):
+    """``EXECUTE`` of ``statement`` under ``name``, prepared first on a pool
+    connection that has not seen it: the pool forgets what a connection
+    prepared when it replaces the connection."""
+    prepare, execute = _prepared_forms(name, statement)
+    done = connection.info.setdefault("prepared", set())
+    if name not in done:
+        cursor.execute(prepare)
+        done.add(name)
+    return execute
+
+
+@functools.lru_cache(maxsize=1024)
+def _prepared_forms(name, statement):
+    """``PREPARE`` and ``EXECUTE`` for a statement with psycopg2's
+    placeholders: each distinct name becomes a numbered parameter."""
+    order = {}
+
+    def number(match):
+        if match.group(1) is None:
+            return "%"
+        return f"${order.setdefault(match.group(1), len(order) + 1)}"
+
+    prepare = f"PREPARE {name} AS " + _PLACEHOLDER.sub(number, statement)
+    arguments = ", ".join(f"%({key})s" for key in order)
+    return prepare, f"EXECUTE {name}({arguments})" if order else f"EXECUTE {name}"
+
+
 def make_engine(uri, config=None):
     engine = create_engine(database_url(uri), **engine_options(config or {}))
     # SQLAlchemy's own isolation setting would cost a statement to undo;
     # psycopg2's autocommit flag is set and cleared without one.
     event.listen(engine, "checkin", _end_autocommit)
+    event.listen(engine, "before_cursor_execute", _run_prepared, retval=True)
     return engine
 
 

@@ -10,6 +10,7 @@ import uuid
 
 import eventlet
 import kombu.serialization
+import kombu.utils.json
 from amqp.exceptions import AMQPError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.serialization import registry
@@ -38,6 +39,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from patient.auth import Principal
 from patient.auth import caller as http_caller
 from patient.caller import Caller
+from patient.encoded import decode_all, embed
 from patient.errors import (
     EXPECTED_ERRORS,
     InternalError,
@@ -201,15 +203,11 @@ class Replier:
         content_type = self.message.properties["content_type"]
         serializer = kombu.serialization.registry.type_to_name[content_type]
         try:
-            encoded = kombu.serialization.dumps(
-                {"result": result, "error": error}, serializer
-            )
+            encoded = _encode({"result": result, "error": error}, serializer)
         except Exception:
             exc_info = sys.exc_info()
             result, error = None, serialize(UnserializableValueError(result))
-            encoded = kombu.serialization.dumps(
-                {"result": None, "error": error}, serializer
-            )
+            encoded = _encode({"result": None, "error": error}, serializer)
         content_type, content_encoding, body = encoded
 
         config = self.config
@@ -231,6 +229,15 @@ class Replier:
             correlation_id=self.message.properties.get("correlation_id"),
         )
         return result, exc_info
+
+
+def _encode(answer, serializer):
+    """kombu's encoding of ``answer``; in JSON, resources read as text are
+    embedded as they are (``patient.encoded``)."""
+    if serializer == "json":
+        body = embed(answer, kombu.utils.json.dumps)
+        return "application/json", "utf-8", body
+    return kombu.serialization.dumps(decode_all(answer), serializer)
 
 
 class PatientRpc(Rpc):

@@ -16,7 +16,7 @@ from sqlalchemy import delete, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from patient import audit, idempotency
-from patient.db import read_only
+from patient.db import read_first
 from patient.errors import (
     DuplicatePatient,
     IdempotencyKeyReused,
@@ -337,14 +337,21 @@ def _register(
     return CREATED, stored
 
 
+# The hot reads, written out: see ``read_first``.
+_GET_PATIENT = "SELECT resource FROM patients WHERE id = %(id)s"
+_FIND_BY_IDENTIFIER = (
+    "SELECT p.resource FROM patients p"
+    " JOIN patient_identifiers i ON i.patient_id = p.id"
+    " WHERE i.system = %(system)s AND i.value = %(value)s LIMIT 1"
+)
+
+
 def get_patient(session, patient_id):
     key = row_key(patient_id, "patient_id")
-    read_only(session)
-    query = select(Patient.resource).where(Patient.id == key)
-    resource = session.execute(query).scalar_one_or_none() if key else None
-    if resource is None:
+    row = key and read_first(session, "get_patient", _GET_PATIENT, {"id": str(key)})
+    if not row:
         raise PatientNotFound(str(key) if key else "")
-    return resource
+    return row[0]
 
 
 def find_patient_by_identifier(session, system, value):
@@ -353,16 +360,15 @@ def find_patient_by_identifier(session, system, value):
             raise InvalidRequest({name: ["must be a string of 1 to 4096 characters"]})
         if is_unsafe(given):
             raise InvalidRequest({name: [UNSAFE_MESSAGE]})
-    read_only(session)
-    resource = session.execute(
-        select(Patient.resource)
-        .join(PatientIdentifier, PatientIdentifier.patient_id == Patient.id)
-        .where(PatientIdentifier.system == system, PatientIdentifier.value == value)
-        .limit(1)
-    ).scalar_one_or_none()
-    if resource is None:
+    row = read_first(
+        session,
+        "find_by_identifier",
+        _FIND_BY_IDENTIFIER,
+        {"system": system, "value": value},
+    )
+    if row is None:
         raise PatientNotFound()
-    return resource
+    return row[0]
 
 
 def update_patient(

@@ -78,7 +78,7 @@ class PatientService(api.PatientApi):
     @rpc(sensitive_arguments=("criteria",))
     def search_patients(self, criteria, count=20, cursor=None):
         return search.search_patients(
-            self.db.session, criteria, count, cursor, self.region
+            self.db.session, criteria, count, cursor, self.region, encoded=True
         )
 
     @rpc(sensitive_arguments=("request",))

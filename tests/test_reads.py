@@ -1,0 +1,133 @@
+"""The hot reads: prepared statements, reads past the session, and
+resources passed through into answers without decoding."""
+
+import json
+
+import pytest
+from kombu.utils.json import dumps as kombu_dumps
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from patient import records, search
+from patient.db import make_engine, prepared, read_first
+from patient.encoded import EncodedJson, decode_all, embed
+from patient.models import Patient
+from tests.factories import patient
+
+
+@pytest.fixture
+def small_engine(db_uri, clean_db):
+    """One pooled connection, so every read meets the same one."""
+    engine = make_engine(db_uri, {"MAX_WORKERS": -1})
+    yield engine
+    engine.dispose()
+
+
+def prepared_names(engine):
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT name FROM pg_prepared_statements")
+        return {row[0] for row in cursor.fetchall()}
+    finally:
+        connection.close()
+
+
+def test_a_read_is_prepared_once_per_connection_and_again_on_a_new_one(
+    small_engine, db
+):
+    first = records.register_patient(db, patient(), records_caller())
+
+    with Session(small_engine) as session:
+        assert records.get_patient(session, first["id"]) == first
+        assert records.get_patient(session, first["id"]) == first
+    assert "get_patient" in prepared_names(small_engine)
+
+    # PostgreSQL ends the connection: the read that finds it fails as a
+    # lost connection, and the next one prepares on a new connection.
+    with Session(small_engine) as session:
+        (pid,) = read_first(session, "pid", "SELECT pg_backend_pid()", {})
+    db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with Session(small_engine) as session:
+        with pytest.raises(OperationalError) as lost:
+            records.get_patient(session, first["id"])
+        assert lost.value.connection_invalidated
+        assert records.get_patient(session, first["id"]) == first
+    assert small_engine.pool.checkedin() == 1
+
+
+def test_a_failed_read_drops_its_connection_and_raises_sqlalchemys_error(
+    small_engine,
+):
+    with Session(small_engine) as session:
+        with pytest.raises(DBAPIError) as raised:
+            read_first(session, "broken", "SELECT 1 / %(zero)s", {"zero": 0})
+        assert raised.value.orig.pgcode == "22012"
+        # Parameters stay out of the error's text: they may be patient data.
+        assert "parameters hidden" in str(raised.value)
+
+        # The next read gets a fresh connection, which prepares afresh.
+        assert read_first(session, "one", "SELECT %(x)s::int", {"x": 1}) == (1,)
+
+
+def test_an_unreachable_database_is_an_operational_error(db_uri):
+    engine = make_engine(
+        "postgresql://postgres@127.0.0.1:1/none", {"DB_CONNECT_TIMEOUT_S": 1}
+    )
+    with Session(engine) as session, pytest.raises(OperationalError):
+        read_first(session, "get_patient", "SELECT 1", {})
+
+
+def test_a_prepared_statement_keeps_percent_signs_and_repeated_parameters(
+    small_engine, db
+):
+    records.register_patient(db, patient(gender="female"), records_caller())
+    gender = bindparam("gender")
+    query = select(text("'100%' AS literal"), Patient.gender).where(
+        Patient.gender.like(gender) | (Patient.gender == gender)
+    )
+
+    with Session(small_engine) as session:
+        conn = session.connection()
+        found = conn.execute(prepared(query), {"gender": "fem%"}).all()
+        missed = conn.execute(prepared(query), {"gender": "male"}).all()
+
+    assert found == [("100%", "female")]
+    assert missed == []
+
+
+def records_caller():
+    from patient.caller import Caller
+
+    return Caller(actor="test")
+
+
+def test_search_answers_embed_resources_exactly_as_stored(db):
+    stored = [
+        records.register_patient(
+            db,
+            patient(name=[{"family": f"Ödön-{n}", "given": ['Zoë "Q" \\ 😀']}]),
+            records_caller(),
+        )
+        for n in range(3)
+    ]
+    stored.sort(key=lambda resource: resource["id"])  # pages go in id order
+
+    page = search.search_patients(db, {"family": "Ödön"}, 2, encoded=True)
+
+    assert all(isinstance(p, EncodedJson) for p in page["patients"])
+    answer = json.loads(embed({"result": page, "error": None}, kombu_dumps))
+    assert answer["result"]["patients"] == stored[:2]
+    assert answer["result"]["next_cursor"] == page["next_cursor"]
+    assert decode_all(page)["patients"] == stored[:2]
+
+
+def test_embedding_leaves_text_that_looks_like_a_placeholder_alone():
+    sneaky = {"text": "\x00abc:0\x00", "given": ["\\u0000"]}
+    value = {"patients": [EncodedJson('{"a": 1}')], "note": sneaky}
+
+    decoded = json.loads(embed(value, json.dumps))
+
+    assert decoded == {"patients": [{"a": 1}], "note": sneaky}
+    assert json.loads(embed({"plain": [1, "x"]}, json.dumps)) == {"plain": [1, "x"]}
