@@ -2,13 +2,15 @@
 
 import functools
 import hashlib
+import json
 import logging
 import re
 
 import psycopg2
 from nameko_sqlalchemy import Database
 from nameko_sqlalchemy.database import Session
-from sqlalchemy import create_engine, event
+from sqlalchemy import JSON, Uuid, create_engine, event
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
@@ -130,6 +132,79 @@ def read_first(session, name, sql, parameters):
     return row
 
 
+def insert_all(session, writes):
+    """Insert every ``(table, rows)`` of ``writes`` in one statement, on the
+    session's connection and in its transaction: one round trip, where an
+    insert a table costs one each and SQLAlchemy's bulk insert machinery
+    more than the database's work. Each table's rows are one array a
+    column, unnested; every row of a table has the same keys. A constraint
+    violation raises ``IntegrityError`` and writes nothing."""
+    parts, parameters, casts = [], {}, []
+    for number, (table, rows) in enumerate(writes):
+        if not rows:
+            continue
+        columns, arrays = [], []
+        for column in rows[0]:
+            name = f"t{number}_{column}"
+            quoted, array_type, convert = _column_array(table.__table__, column)
+            parameters[name] = [convert(row[column]) for row in rows]
+            columns.append(quoted)
+            arrays.append(f"%({name})s::{array_type}")
+            casts.append((name, array_type))
+        # Table and column names come from the models' metadata, never from
+        # input: a key that names no column fails in _column_array.
+        parts.append(
+            f"w{number} AS (INSERT INTO {_quote(table.__tablename__)}"  # noqa: S608
+            f" ({', '.join(columns)}) SELECT * FROM unnest({', '.join(arrays)}))"
+        )
+    if parts:
+        sql = f"WITH {', '.join(parts)} SELECT 1"
+        session.connection().exec_driver_sql(
+            sql,
+            parameters,
+            execution_options={"prepare": True, "prepare_casts": tuple(casts)},
+        )
+
+
+_POSTGRESQL = postgresql.dialect()
+
+
+def _quote(name):
+    return _POSTGRESQL.identifier_preparer.quote(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _column_array(table, column):
+    """A column's quoted name, its PostgreSQL array type, and the conversion
+    of a Python value to what psycopg2 passes in that array."""
+    column_type = table.c[column].type
+    # The column's collation applies on insert; a cast takes none.
+    bare = column_type.copy()
+    if getattr(bare, "collation", None):
+        bare.collation = None
+    array_type = bare.compile(dialect=_POSTGRESQL) + "[]"
+    convert = _same
+    if isinstance(column_type, JSON):
+        convert = _json_text
+    elif isinstance(column_type, Uuid):
+        convert = _uuid_text
+    return _quote(column), array_type, convert
+
+
+def _json_text(value):
+    # As SQLAlchemy's JSON type writes it: the stored text is what readers
+    # get back, byte for byte.
+    return None if value is None else json.dumps(value)
+
+
+def _uuid_text(value):
+    return None if value is None else str(value)
+
+
+def _same(value):
+    return value
+
+
 # psycopg2's placeholders, and its escaped percent sign.
 _PLACEHOLDER = re.compile(r"%\(([^)]+)\)s|%%")
 
@@ -137,18 +212,21 @@ _PLACEHOLDER = re.compile(r"%\(([^)]+)\)s|%%")
 def _run_prepared(conn, cursor, statement, parameters, context, executemany):
     """Run a statement marked by ``prepared`` as ``EXECUTE``, named after
     its text."""
-    if executemany or not context.execution_options.get("prepare"):
+    options = context.execution_options
+    if executemany or not options.get("prepare"):
         return statement, parameters
     name = "p_" + hashlib.blake2b(statement.encode(), digest_size=10).hexdigest()
+    casts = options.get("prepare_casts", ())
+    return _prepare(conn.connection, cursor, name, statement, casts), parameters
 
-    return _prepare(conn.connection, cursor, name, statement), parameters
 
-
-def _prepare(connection, cursor, name, statement):
+def _prepare(connection, cursor, name, statement, casts=()):
     """``EXECUTE`` of ``statement`` under ``name``, prepared first on a pool
     connection that has not seen it: the pool forgets what a connection
-    prepared when it replaces the connection."""
-    prepare, execute = _prepared_forms(name, statement)
+    prepared when it replaces the connection. ``casts``: ``(parameter,
+    type)`` pairs, for arguments whose type PostgreSQL cannot coerce to
+    (an array of text to ``uuid[]``)."""
+    prepare, execute = _prepared_forms(name, statement, casts)
     done = connection.info.setdefault("prepared", set())
     if name not in done:
         cursor.execute(prepare)
@@ -157,7 +235,7 @@ def _prepare(connection, cursor, name, statement):
 
 
 @functools.lru_cache(maxsize=1024)
-def _prepared_forms(name, statement):
+def _prepared_forms(name, statement, casts):
     """``PREPARE`` and ``EXECUTE`` for a statement with psycopg2's
     placeholders: each distinct name becomes a numbered parameter."""
     order = {}
@@ -168,7 +246,10 @@ def _prepared_forms(name, statement):
         return f"${order.setdefault(match.group(1), len(order) + 1)}"
 
     prepare = f"PREPARE {name} AS " + _PLACEHOLDER.sub(number, statement)
-    arguments = ", ".join(f"%({key})s" for key in order)
+    cast = dict(casts)
+    arguments = ", ".join(
+        f"%({key})s::{cast[key]}" if key in cast else f"%({key})s" for key in order
+    )
     return prepare, f"EXECUTE {name}({arguments})" if order else f"EXECUTE {name}"
 
 

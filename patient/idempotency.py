@@ -10,9 +10,10 @@ import hashlib
 import json
 from datetime import UTC, datetime
 
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from patient.db import prepared
 from patient.errors import IdempotencyKeyReused, InvalidRequest
 from patient.models import IdempotencyRecord
 from patient.text import UNSAFE_MESSAGE, is_unsafe
@@ -72,13 +73,24 @@ def claim(session, scope, key, request_hash):
     return answered(session, scope, key, request_hash)
 
 
+# Built once: making them cost a write more than running them.
+_ANSWER = prepared(
+    select(IdempotencyRecord.request_hash, IdempotencyRecord.response).where(
+        IdempotencyRecord.scope == bindparam("scope"),
+        IdempotencyRecord.key == bindparam("key"),
+    )
+)
+_LOCK = prepared(
+    text(
+        "SELECT pg_advisory_xact_lock(n) FROM"
+        " (SELECT unnest(CAST(:numbers AS bigint[])) AS n ORDER BY n) AS s"
+    )
+)
+
+
 def answered(session, scope, key, request_hash):
     """The answer kept under the key, or None if the key is new."""
-    record = session.execute(
-        select(IdempotencyRecord).where(
-            IdempotencyRecord.scope == scope, IdempotencyRecord.key == key
-        )
-    ).scalar_one_or_none()
+    record = session.connection().execute(_ANSWER, {"scope": scope, "key": key}).first()
     if record is None:
         return None
     if record.request_hash != request_hash:
@@ -102,10 +114,4 @@ def lock_number(name):
 def lock(session, numbers):
     """Take transaction-scoped advisory locks, in ascending order."""
     if numbers:
-        session.execute(
-            text(
-                "SELECT pg_advisory_xact_lock(n)"
-                " FROM (SELECT unnest(CAST(:numbers AS bigint[])) AS n ORDER BY n) AS s"
-            ),
-            {"numbers": numbers},
-        )
+        session.connection().execute(_LOCK, {"numbers": numbers})

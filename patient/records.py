@@ -16,7 +16,7 @@ from sqlalchemy import delete, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from patient import audit, idempotency
-from patient.db import read_first
+from patient.db import insert_all, read_first
 from patient.errors import (
     DuplicatePatient,
     IdempotencyKeyReused,
@@ -53,15 +53,81 @@ def register_patient(session, resource, caller, idempotency_key=None, region=Non
     """Store a new patient; return the stored resource.
 
     With a key seen before and the same resource, the first answer comes
-    back and nothing is written.
+    back and nothing is written. Five round trips: the transaction's start,
+    the locks, the key's read, every row in one statement, the commit.
     """
     idempotency.check_key(idempotency_key)
     check_limits(resource)
-    outcome, stored = _register(
-        session, resource, caller, idempotency_key, None, region
-    )
+    scope, key = idempotency.key_for("register", idempotency_key, caller)
+    request_hash = idempotency.fingerprint(resource)
+
+    # With the key and the identifiers locked, no one else can take them
+    # before this commits. A repeat costs the read of its answer, which was
+    # validated the first time.
+    idempotency.lock(session, _lock_keys([resource], [(scope, key)]))
+    if key is not None and (
+        seen := idempotency.answered(session, scope, key, request_hash)
+    ):
+        session.rollback()
+        return seen
+
+    patient_id, now = uuid.uuid4(), datetime.now(UTC)
+    stored = _with_server_fields(resource, patient_id, 1, now)
+    check_shape(stored)
+    keys = search_keys(stored, region)
+    rows = _Rows(caller, now)
+    rows.add(patient_id, stored, keys)
+    if key is not None:
+        rows.answer(scope, key, request_hash, patient_id, stored)
+    try:
+        insert_all(session, rows.writes())
+    except IntegrityError:
+        # An identifier is taken (the locks keep the key free): name who
+        # holds it.
+        session.rollback()
+        raise _duplicate(session, keys) from None
     session.commit()
+    log.info("registered patient %s", patient_id)
     return stored
+
+
+class _Rows:
+    """The rows of new patients, to write with ``insert_all``."""
+
+    def __init__(self, caller, now):
+        self.caller, self.now = caller, now
+        self.patients, self.audit, self.records = [], [], []
+        self.keys = [[] for _ in SEARCH_KEY_TABLES]
+
+    def add(self, patient_id, stored, keys):
+        self.patients.append(
+            patient_row(patient_id, 1, stored, self.now, keys, created_at=self.now)
+        )
+        for rows, more in zip(
+            self.keys, search_key_rows(patient_id, keys), strict=True
+        ):
+            rows.extend(more)
+        self.audit.append(audit.row("create", self.caller, self.now, patient_id, 1))
+
+    def answer(self, scope, key, request_hash, patient_id, stored):
+        self.records.append(
+            {
+                "scope": scope,
+                "key": key,
+                "request_hash": request_hash,
+                "patient_id": patient_id,
+                "response": stored,
+                "created_at": self.now,
+            }
+        )
+
+    def writes(self):
+        return [
+            (Patient, self.patients),
+            *zip(SEARCH_KEY_TABLES, self.keys, strict=True),
+            (AuditEvent, self.audit),
+            (IdempotencyRecord, self.records),
+        ]
 
 
 def register_patients(session, entries, caller, region=None):
@@ -131,8 +197,7 @@ class _Batch:
         ]
         self.answers = self._answers()
         self.holders = self._holders(entries)
-        self.rows = {"patients": [], "keys": [[] for _ in SEARCH_KEY_TABLES]}
-        self.audit_rows, self.records = [], []
+        self.rows = _Rows(caller, self.now)
 
     def register(self, entry, position, region):
         return _entry_result(
@@ -162,7 +227,7 @@ class _Batch:
             log.info("refused a duplicate of patient %s", holder)
             raise DuplicatePatient(str(holder), system)
 
-        position = len(self.rows["patients"])
+        position = len(self.rows.patients)
         for index, identifier in enumerate(keys.identifiers):
             if all(identifier):
                 # After every holder already stored, in the order written.
@@ -171,42 +236,16 @@ class _Batch:
                     patient_id,
                     identifier[0],
                 )
-        self.rows["patients"].append(
-            patient_row(patient_id, 1, stored, self.now, keys, created_at=self.now)
-        )
-        for rows, more in zip(
-            self.rows["keys"], search_key_rows(patient_id, keys), strict=True
-        ):
-            rows.extend(more)
-        self.audit_rows.append(
-            audit.row("create", self.caller, self.now, patient_id, 1)
-        )
+        self.rows.add(patient_id, stored, keys)
         scope, key = scope_key
         if key is not None:
             self.answers[scope_key] = (request_hash, stored)
-            self.records.append(
-                {
-                    "scope": scope,
-                    "key": key,
-                    "request_hash": request_hash,
-                    "patient_id": patient_id,
-                    "response": stored,
-                    "created_at": self.now,
-                }
-            )
+            self.rows.answer(scope, key, request_hash, patient_id, stored)
         return CREATED, stored
 
     def write(self):
-        writes = [
-            (Patient, self.rows["patients"]),
-            *zip(SEARCH_KEY_TABLES, self.rows["keys"], strict=True),
-            (AuditEvent, self.audit_rows),
-            (IdempotencyRecord, self.records),
-        ]
-        for table, rows in writes:
-            if rows:
-                self.session.execute(insert(table), rows)
-        for row in self.rows["patients"]:
+        insert_all(self.session, self.rows.writes())
+        for row in self.rows.patients:
             log.info("registered patient %s", row["id"])
 
     def _answers(self):
@@ -259,8 +298,8 @@ def _entry_key(entry):
 def _register_entry(session, entry, position, caller, region):
     return _entry_result(
         entry,
-        lambda resource, key: _register(
-            session, resource, caller, key, position, region, locked=True
+        lambda resource, key: _register_locked(
+            session, resource, caller, key, position, region
         ),
     )
 
@@ -293,10 +332,9 @@ def _entry_result(entry, register):
     }
 
 
-def _register(
-    session, resource, caller, idempotency_key, position, region, locked=False
-):
-    """Register one resource; ``locked`` when the batch holds its locks."""
+def _register_locked(session, resource, caller, idempotency_key, position, region):
+    """Register one entry of a batch that holds its locks, under a savepoint
+    of its own."""
     scope, key = idempotency.key_for("register", idempotency_key, caller, position)
     request_hash = idempotency.fingerprint(resource)
     # A repeat costs one read: its answer is there, validated the first time.
@@ -309,9 +347,6 @@ def _register(
     now = datetime.now(UTC)
     stored = _with_server_fields(resource, patient_id, 1, now)
     check_shape(stored)
-
-    if not locked:
-        idempotency.lock(session, _lock_keys([stored], [(scope, key)]))
     keys = search_keys(stored, region)
 
     # One savepoint holds the key's claim and the writes: a duplicate undoes
@@ -406,8 +441,8 @@ def update_patient(
             check_shape(stored)
 
             keys = search_keys(stored, region)
-            _replace(session, row.id, version, stored, now, keys)
-            audit.record(session, "update", caller, now, row.id, version)
+            audit_row = audit.row("update", caller, now, row.id, version)
+            _replace(session, row.id, version, stored, now, keys, audit_row)
             if key is not None:
                 idempotency.record_answer(session, scope, key, row.id, stored)
     except IntegrityError:
@@ -575,19 +610,32 @@ def search_key_rows(patient_id, keys):
 
 
 def _write_search_keys(session, patient_id, keys):
-    for table, rows in zip(
-        SEARCH_KEY_TABLES, search_key_rows(patient_id, keys), strict=True
-    ):
-        if rows:
-            session.execute(insert(table), rows)
+    insert_all(
+        session,
+        list(zip(SEARCH_KEY_TABLES, search_key_rows(patient_id, keys), strict=True)),
+    )
 
 
-def _replace(session, patient_id, version, stored, now, keys):
+def _replace(session, patient_id, version, stored, now, keys, audit_row):
+    """The new version in place of the current one: its row, its search keys
+    in place of the old ones, and its audit row, in three statements."""
     row = patient_row(patient_id, version, stored, now, keys)
     session.execute(update(Patient).where(Patient.id == patient_id).values(**row))
-    for table in SEARCH_KEY_TABLES:
-        session.execute(delete(table).where(table.patient_id == patient_id))
-    _write_search_keys(session, patient_id, keys)
+    deletes = ", ".join(
+        f"d{number} AS (DELETE FROM {table.__tablename__}"  # noqa: S608 - metadata
+        " WHERE patient_id = %(patient_id)s)"
+        for number, table in enumerate(SEARCH_KEY_TABLES)
+    )
+    session.connection().exec_driver_sql(
+        f"WITH {deletes} SELECT 1", {"patient_id": str(patient_id)}
+    )
+    insert_all(
+        session,
+        [
+            *zip(SEARCH_KEY_TABLES, search_key_rows(patient_id, keys), strict=True),
+            (AuditEvent, [audit_row]),
+        ],
+    )
 
 
 def _duplicate(session, keys, ignore=None):

@@ -2,17 +2,20 @@
 resources passed through into answers without decoding."""
 
 import json
+import uuid
+from datetime import UTC, datetime
 
 import pytest
 from kombu.utils.json import dumps as kombu_dumps
 from sqlalchemy import bindparam, select, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from patient import records, search
-from patient.db import make_engine, prepared, read_first
+from patient.caller import Caller
+from patient.db import insert_all, make_engine, prepared, read_first
 from patient.encoded import EncodedJson, decode_all, embed
-from patient.models import Patient
+from patient.models import Patient, PatientIdentifier
 from tests.factories import patient
 
 
@@ -98,8 +101,6 @@ def test_a_prepared_statement_keeps_percent_signs_and_repeated_parameters(
 
 
 def records_caller():
-    from patient.caller import Caller
-
     return Caller(actor="test")
 
 
@@ -131,3 +132,49 @@ def test_embedding_leaves_text_that_looks_like_a_placeholder_alone():
 
     assert decoded == {"patients": [{"a": 1}], "note": sneaky}
     assert json.loads(embed({"plain": [1, "x"]}, json.dumps)) == {"plain": [1, "x"]}
+
+
+def test_insert_all_writes_every_table_in_one_statement_or_nothing(small_engine):
+    def writes(patient_id, value):
+        now = datetime.now(UTC)
+        resource = {"resourceType": "Patient", "name": [{"family": "Ñúñez 😀"}]}
+        return [
+            (
+                Patient,
+                [
+                    {
+                        "id": patient_id,
+                        "version": 1,
+                        "resource": resource,
+                        "active": True,
+                        "gender": None,
+                        "birth_date_start": None,
+                        "birth_date_end": None,
+                        "last_updated": now,
+                        "created_at": now,
+                    }
+                ],
+            ),
+            (
+                PatientIdentifier,
+                [
+                    {"patient_id": patient_id, "system": "urn:t", "value": value},
+                    {"patient_id": patient_id, "system": None, "value": "kept"},
+                ],
+            ),
+        ]
+
+    first, second = uuid.uuid4(), uuid.uuid4()
+    with Session(small_engine) as session:
+        insert_all(session, writes(first, "A-1"))
+        session.commit()
+        with pytest.raises(IntegrityError):
+            insert_all(session, writes(second, "A-1"))
+        session.rollback()
+
+        stored = session.execute(text("SELECT id, resource::text FROM patients")).all()
+        identifiers = session.execute(
+            text("SELECT system, value FROM patient_identifiers ORDER BY value")
+        ).all()
+    assert stored == [(first, json.dumps(writes(first, "")[0][1][0]["resource"]))]
+    assert identifiers == [("urn:t", "A-1"), (None, "kept")]
