@@ -68,6 +68,7 @@ class PatientApi:
             _count(count),
             cursor,
             self.region,
+            encoded=True,
         )
         return _page_response(request, "patients", page)
 

@@ -19,6 +19,7 @@ from werkzeug.wrappers import Request, Response
 
 from patient.auth import TokenVerifier, authorize
 from patient.dependencies import guarded, internal_error
+from patient.encoded import embed
 from patient.errors import InvalidRequest, ServiceUnavailable
 from patient.problems import (
     HTTP_ERRORS,
@@ -239,6 +240,10 @@ class _DuplicateKey(Exception):
     pass
 
 
+def _dumps(value):
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _object_without_duplicates(pairs):
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -252,7 +257,7 @@ def _refuse_constant(name):
 
 def json_response(body, status=200, headers=None):
     return Response(
-        json.dumps(body, ensure_ascii=False),
+        embed(body, _dumps),
         status=status,
         headers=headers,
         content_type="application/json",
