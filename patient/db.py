@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DB_URI = "postgresql://postgres@127.0.0.1:5432/patient_service"
 RECYCLE_S = 600
+# Statements a connection keeps prepared: every read and write shape, and
+# room for searches combining their parameters in many ways.
+MAX_PREPARED = 200
 
 
 def database_url(uri):
@@ -229,6 +232,11 @@ def _prepare(connection, cursor, name, statement, casts=()):
     prepare, execute = _prepared_forms(name, statement, casts)
     done = connection.info.setdefault("prepared", set())
     if name not in done:
+        if len(done) >= MAX_PREPARED:
+            # Searches of many shapes would otherwise grow the server
+            # process of a long-lived connection without end.
+            cursor.execute("DEALLOCATE ALL")
+            done.clear()
         cursor.execute(prepare)
         done.add(name)
     return execute

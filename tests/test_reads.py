@@ -178,3 +178,18 @@ def test_insert_all_writes_every_table_in_one_statement_or_nothing(small_engine)
         ).all()
     assert stored == [(first, json.dumps(writes(first, "")[0][1][0]["resource"]))]
     assert identifiers == [("urn:t", "A-1"), (None, "kept")]
+
+
+def test_a_connection_keeps_a_bounded_number_of_prepared_statements(
+    small_engine, monkeypatch
+):
+    monkeypatch.setattr("patient.db.MAX_PREPARED", 3)
+
+    with Session(small_engine) as session:
+        answers = [
+            read_first(session, f"shape_{n}", f"SELECT %(n)s::int + {n}", {"n": 1})
+            for n in range(7)
+        ]
+
+    assert answers == [(1 + n,) for n in range(7)]
+    assert 1 <= len(prepared_names(small_engine)) <= 3
