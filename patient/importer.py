@@ -11,6 +11,7 @@ with where it came from and why.
 """
 
 import argparse
+import collections
 import hashlib
 import json
 import logging
@@ -41,6 +42,10 @@ DEFAULT_CONFIG = "config.yml"
 DEFAULT_BATCH_SIZE = 100
 MAX_BATCH_SIZE = 100
 DEFAULT_TIMEOUT_S = 60.0
+# Batches sent before the oldest one's answer is awaited: the service
+# validates one while the database writes another, and this process reads
+# the next meanwhile.
+IN_FLIGHT = 2
 KEY_PREFIX = "import:"
 
 # Errors that say the service cannot be reached now, as opposed to errors it
@@ -134,6 +139,7 @@ def run_import(
         run.call("ping")
         for batch in _batches(run.patients(paths), batch_size):
             run.send(batch)
+        run.finish()
     run.summary.seconds = time.monotonic() - started
     log.info("import finished: %s records", run.summary.records)
     return run.summary
@@ -192,6 +198,7 @@ class _Run:
         self.config = config
         self.timeout = timeout
         self.summary = Summary()
+        self.in_flight = collections.deque()
 
     def patients(self, paths):
         """The Patient records of ``paths``; the others are counted here."""
@@ -210,19 +217,41 @@ class _Run:
                 self.bar.update()
 
     def send(self, batch):
+        """Send a batch; tally the oldest in flight once ``IN_FLIGHT`` are.
+
+        A batch that shares an identifier or a key with one in flight waits
+        for it: of two such records, the one read first is the one stored,
+        as when batches go one at a time.
+        """
         entries = [
             {"resource": r.resource, "idempotency_key": import_key(r.resource)}
             for r in batch
         ]
-        results = self.call("register_patients", entries)
+        claims = _claims(entries)
+        if any(claims & held for _, _, held in self.in_flight):
+            self.finish()
+        send = self.service.register_patients.call_async
+        self.in_flight.append((batch, self._guarded(send, entries), claims))
+        if len(self.in_flight) >= IN_FLIGHT:
+            self._tally_batch(*self.in_flight.popleft())
+
+    def finish(self):
+        while self.in_flight:
+            self._tally_batch(*self.in_flight.popleft())
+
+    def _tally_batch(self, batch, reply, _claims):
+        results = self._guarded(reply.result)
         for record, result in zip(batch, results, strict=True):
             self._tally(record, result)
         self.bar.update(len(batch))
 
     def call(self, method, *args):
+        return self._guarded(getattr(self.service, method), *args)
+
+    def _guarded(self, function, *args):
         """Call the service; its failures become the import's own errors."""
         try:
-            return getattr(self.service, method)(*args)
+            return function(*args)
         except UNREACHABLE as exc:
             why = _why_unreachable(exc, self.config, self.timeout)
             raise ServiceUnreachable(why + self._resume()) from None
@@ -264,6 +293,20 @@ class _Run:
         else:
             self.summary.rejected += 1
             self.report.write(record.ref, "rejected", f"refused ({status})")
+
+
+def _claims(entries):
+    """The identifiers and idempotency keys of a batch's entries."""
+    claims = {("key", e["idempotency_key"]) for e in entries}
+    for entry in entries:
+        identifiers = entry["resource"].get("identifier")
+        for identifier in identifiers if isinstance(identifiers, list) else ():
+            if not isinstance(identifier, dict):
+                continue
+            pair = identifier.get("system"), identifier.get("value")
+            if all(isinstance(part, str) for part in pair):
+                claims.add(("id", *pair))
+    return claims
 
 
 class _Report:

@@ -170,13 +170,26 @@ class FailingCluster:
         self.fail_if("ping")
         return "pong"
 
-    def register_patients(self, entries):
-        self.fail_if("register_patients")
-        return [{"status": "created"} for _ in entries]
+    @property
+    def register_patients(self):
+        return self
+
+    def call_async(self, entries):
+        # The answer is awaited later: the error comes with it.
+        return FailingReply(self, len(entries))
 
     def fail_if(self, method):
         if method == self.method:
             raise self.error
+
+
+class FailingReply:
+    def __init__(self, cluster, count):
+        self.cluster, self.count = cluster, count
+
+    def result(self):
+        self.cluster.fail_if("register_patients")
+        return [{"status": "created"}] * self.count
 
 
 @pytest.mark.parametrize(
@@ -193,14 +206,14 @@ class FailingCluster:
             RpcTimeout(5),
             2,
             "the patient service did not answer within 5 s,"
-            " after reading 2 records; run it again to go on",
+            " after reading 3 records; run it again to go on",
         ),
         (
             "register_patients",
             InternalError("4f2a9c"),
             1,
             "the patient service failed (internal error, reference 4f2a9c),"
-            " after reading 2 records; run it again to go on",
+            " after reading 3 records; run it again to go on",
         ),
     ],
 )
@@ -415,3 +428,22 @@ def check_no_family_names(db, console):
     assert families
     shown = [f for f in families if re.search(rf"\b{re.escape(f)}\b", console)]
     assert not shown
+
+
+def test_batches_in_flight_never_share_an_identifier_or_a_key():
+    def entry(key, *identifiers):
+        resource = {
+            "resourceType": "Patient",
+            "identifier": [{"system": s, "value": v} for s, v in identifiers]
+            + ["not an identifier", {"system": {"nested": 1}, "value": "x"}],
+        }
+        return {"resource": resource, "idempotency_key": key}
+
+    first = importer._claims([entry("k1", ("urn:a", "1"))])
+    same_identifier = importer._claims([entry("k2", ("urn:a", "1"))])
+    same_key = importer._claims([entry("k1", ("urn:b", "2"))])
+    unrelated = importer._claims([entry("k3", ("urn:a", "2"), ("urn:b", "1"))])
+
+    assert first & same_identifier
+    assert first & same_key
+    assert not first & unrelated
