@@ -65,7 +65,8 @@ def engine_options(config):
         # idle timeout keeps a connection PostgreSQL closed for idling
         # from ever being handed out.
         "pool_pre_ping": flag(config.get("DB_POOL_PRE_PING", False)),
-        "pool_recycle": min(RECYCLE_S, idle_ms / 2000),
+        # 0 is no idle timeout: recycle at the usual age, not on every call.
+        "pool_recycle": min(RECYCLE_S, idle_ms / 2000) if idle_ms else RECYCLE_S,
         "hide_parameters": True,
         "connect_args": {
             "connect_timeout": int(config.get("DB_CONNECT_TIMEOUT_S", 3)),
@@ -119,7 +120,14 @@ def read_first(session, name, sql, parameters):
             cursor.execute(statement, parameters)
             row = cursor.fetchone()
     except BaseException as exc:
-        if connection is not None:
+        lost = isinstance(exc, psycopg2.Error) and (
+            engine.dialect.is_disconnect(exc, None, None) or _stale_plan(exc)
+        )
+        if connection is not None and lost:
+            # As SQLAlchemy does for a lost connection: every connection
+            # opened before it is replaced too, not found dead one by one.
+            engine.pool._invalidate(connection, exc)
+        elif connection is not None:
             connection.invalidate()
         if isinstance(exc, psycopg2.Error):
             raise DBAPIError.instance(
@@ -128,7 +136,7 @@ def read_first(session, name, sql, parameters):
                 exc,
                 psycopg2.Error,
                 hide_parameters=True,
-                connection_invalidated=engine.dialect.is_disconnect(exc, None, None),
+                connection_invalidated=lost,
             ) from exc
         raise
     connection.close()
@@ -229,7 +237,7 @@ def _prepare(connection, cursor, name, statement, casts=()):
     prepared when it replaces the connection. ``casts``: ``(parameter,
     type)`` pairs, for arguments whose type PostgreSQL cannot coerce to
     (an array of text to ``uuid[]``)."""
-    prepare, execute = _prepared_forms(name, statement, casts)
+    prepare, execute = prepared_forms(name, statement, casts)
     done = connection.info.setdefault("prepared", set())
     if name not in done:
         if len(done) >= MAX_PREPARED:
@@ -243,7 +251,7 @@ def _prepare(connection, cursor, name, statement, casts=()):
 
 
 @functools.lru_cache(maxsize=1024)
-def _prepared_forms(name, statement, casts):
+def prepared_forms(name, statement, casts):
     """``PREPARE`` and ``EXECUTE`` for a statement with psycopg2's
     placeholders: each distinct name becomes a numbered parameter."""
     order = {}
@@ -261,12 +269,27 @@ def _prepared_forms(name, statement, casts):
     return prepare, f"EXECUTE {name}({arguments})" if order else f"EXECUTE {name}"
 
 
+def _stale_plan(exc):
+    """A prepared statement whose result columns a migration changed fails
+    until the connection prepares it again."""
+    return getattr(exc, "pgcode", None) == "0A000" and "cached plan" in str(exc)
+
+
+def _replace_stale_plans(context):
+    # Handled as a lost connection: the caller gets the retryable
+    # ServiceUnavailable, and every connection is replaced, so each prepares
+    # its statements afresh.
+    if _stale_plan(context.original_exception):
+        context.is_disconnect = True
+
+
 def make_engine(uri, config=None):
     engine = create_engine(database_url(uri), **engine_options(config or {}))
     # SQLAlchemy's own isolation setting would cost a statement to undo;
     # psycopg2's autocommit flag is set and cleared without one.
     event.listen(engine, "checkin", _end_autocommit)
     event.listen(engine, "before_cursor_execute", _run_prepared, retval=True)
+    event.listen(engine, "handle_error", _replace_stale_plans)
     return engine
 
 
@@ -291,6 +314,19 @@ class PatientDatabase(Database):
         self.Session = sessionmaker(
             bind=self.engine, class_=Session, expire_on_commit=False
         )
+
+    def stop(self):
+        self._dispose()
+
+    def kill(self):
+        # Nameko kills a container whose stop failed elsewhere, after this
+        # extension's stop already ran: disposing twice must not fail.
+        self._dispose()
+
+    def _dispose(self):
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.dispose()
 
     def worker_teardown(self, worker_ctx):
         # The entrypoint ends the transaction within its deadline; a failure

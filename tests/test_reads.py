@@ -13,9 +13,17 @@ from sqlalchemy.orm import Session
 
 from patient import records, search
 from patient.caller import Caller
-from patient.db import insert_all, make_engine, prepared, read_first
+from patient.db import (
+    RECYCLE_S,
+    PatientDatabase,
+    engine_options,
+    insert_all,
+    make_engine,
+    prepared,
+    read_first,
+)
 from patient.encoded import EncodedJson, decode_all, embed
-from patient.models import Patient, PatientIdentifier
+from patient.models import Base, Patient, PatientIdentifier
 from tests.factories import patient
 
 
@@ -193,3 +201,94 @@ def test_a_connection_keeps_a_bounded_number_of_prepared_statements(
 
     assert answers == [(1 + n,) for n in range(7)]
     assert 1 <= len(prepared_names(small_engine)) <= 3
+
+
+def test_a_lost_connection_replaces_every_older_one(db_uri, clean_db, db):
+    engine = make_engine(db_uri, {"MAX_WORKERS": 1})  # a pool of three
+    try:
+        first = records.register_patient(db, patient(), records_caller())
+        held = [engine.raw_connection() for _ in range(3)]
+        for connection in held:
+            connection.cursor().execute("SELECT 1")
+            connection.close()
+        db.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+
+        with Session(engine) as session:
+            with pytest.raises(OperationalError):
+                records.get_patient(session, first["id"])
+            # Three at once: none is one of the dead ones.
+            connections = [engine.raw_connection() for _ in range(3)]
+            for connection in connections:
+                connection.cursor().execute("SELECT 1")
+                connection.close()
+            assert records.get_patient(session, first["id"]) == first
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def resource_as_jsonb(engine):
+    """The patients' resource column changed under a running service, as a
+    migration would, and changed back."""
+
+    def alter(table, column, kind):
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE {kind}"))
+
+    yield alter
+    alter("patients", "resource", "json")
+    alter("idempotency_records", "response", "json")
+
+
+def test_a_migration_changing_a_read_column_costs_one_retryable_failure(
+    small_engine, db, resource_as_jsonb
+):
+    first = records.register_patient(db, patient(), records_caller())
+    with Session(small_engine) as session:
+        assert records.get_patient(session, first["id"]) == first
+
+    resource_as_jsonb("patients", "resource", "jsonb")
+
+    with Session(small_engine) as session:
+        with pytest.raises(DBAPIError) as stale:
+            records.get_patient(session, first["id"])
+        assert stale.value.connection_invalidated
+        assert records.get_patient(session, first["id"]) == first
+
+
+def test_a_migration_changing_the_kept_answers_costs_one_retryable_failure(
+    small_engine, resource_as_jsonb
+):
+    resource = patient()
+    with Session(small_engine) as session:
+        first = records.register_patient(session, resource, records_caller(), "k-1")
+
+    resource_as_jsonb("idempotency_records", "response", "jsonb")
+
+    with Session(small_engine) as session:
+        with pytest.raises(DBAPIError) as stale:
+            records.register_patient(session, resource, records_caller(), "k-1")
+        assert stale.value.connection_invalidated
+        session.rollback()
+        again = records.register_patient(session, resource, records_caller(), "k-1")
+    assert again == first
+
+
+def test_no_idle_timeout_keeps_connections_for_the_usual_age():
+    assert engine_options({"DB_IDLE_TIMEOUT_S": 0})["pool_recycle"] == RECYCLE_S
+    assert engine_options({"DB_IDLE_TIMEOUT_S": 60})["pool_recycle"] == 30
+
+
+def test_the_database_extension_may_be_stopped_and_killed(db_uri):
+    extension = PatientDatabase(Base)
+    extension.engine = make_engine(db_uri)
+
+    extension.stop()
+    extension.kill()
+
+    assert "engine" not in extension.__dict__
