@@ -151,6 +151,43 @@ ensure_rabbitmq() {
     wait_for RabbitMQ "$host" "$port"
 }
 
+# ensure_vhost URI: on a local RabbitMQ, creates the URI's vhost if it is
+# missing, with every permission for the URI's user (a development machine's
+# broker). Elsewhere check_broker below says what is wrong.
+ensure_vhost() {
+    local host port vhost user
+    read -r host port < <(url_endpoint "$1" 5672)
+    is_local "$host" && command -v rabbitmqctl >/dev/null || return 0
+    read -r vhost user < <(.venv/bin/python -c '
+import sys
+from kombu.utils.url import url_to_parts
+parts = url_to_parts(sys.argv[1])
+print(parts.path or "/", parts.username or "guest")' "$1")
+    rabbitmqctl -q list_vhosts name 2>/dev/null | grep -qxF -- "$vhost" && return 0
+    say "creating the RabbitMQ vhost $vhost for $user"
+    { rabbitmqctl -q add_vhost "$vhost" &&
+        rabbitmqctl -q set_permissions -p "$vhost" "$user" '.*' '.*' '.*'; } ||
+        die "could not create the RabbitMQ vhost $vhost (rabbitmqctl add_vhost)"
+}
+
+# check_broker: logs in to AMQP_URI once. A missing vhost or a refused
+# login would otherwise have the service retry, and log, without end.
+check_broker() {
+    python - "$AMQP_URI" <<'EOF' ||
+import sys
+
+from kombu import Connection
+
+try:
+    with Connection(sys.argv[1], connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=1)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    sys.exit(1)
+EOF
+        die "RabbitMQ refused AMQP_URI (above): create its vhost and user, or fix the URI"
+}
+
 # Creates the database named in DB_URI unless it exists. Tries the database
 # itself first, so that a user without rights on "postgres" can still start.
 create_database() {
