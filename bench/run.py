@@ -40,9 +40,12 @@ import psycopg2  # noqa: E402
 import seed  # noqa: E402
 from kombu import Connection  # noqa: E402
 from nameko.standalone.rpc import ClusterRpcProxy  # noqa: E402
-from sqlalchemy.dialects import postgresql  # noqa: E402
+from sqlalchemy.dialects.postgresql.psycopg2 import (  # noqa: E402
+    dialect as psycopg2_dialect,
+)
 
 from patient import errors  # noqa: E402, F401 - registers the error types
+from patient.db import prepared_forms  # noqa: E402
 from patient.importer import run_import  # noqa: E402
 from patient.index import name_tokens  # noqa: E402
 from patient.search import search_query  # noqa: E402
@@ -55,7 +58,23 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 # server (no Nameko) plus a primary-key read in PostgreSQL.
 PHYSICAL_FLOOR_MS = 0.8
 SIZES = {"10k": 10_000, "1m": 1_000_000}
+# What Workload.calls yields, in order.
+CALLS = (
+    "get_patient",
+    "find_patient_by_identifier",
+    "register_patient",
+    "update_patient",
+    "search name, one letter",
+    "search name, common prefix",
+    "search name, rare prefix",
+    "search family + birthdate",
+    "search phone",
+    "search identifier",
+)
 CALL_TIMEOUT_S = 30
+# PostgreSQL plans a prepared statement afresh for its first five runs,
+# then may keep a generic plan: the plans shown are from after those.
+PLAN_WARMUP_RUNS = 6
 
 
 def main(argv=None):
@@ -91,11 +110,31 @@ def _parser():
     parser.add_argument(
         "--seconds", type=float, default=5.0, help="timed per call and callers"
     )
-    parser.add_argument("--db-base", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--db-prefix", default="bench")
-    parser.add_argument("--amqp-base", default="amqp://guest:guest@127.0.0.1:5672")
-    parser.add_argument("--vhost", default="bench_patient_service")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--db-base",
+        default="postgresql://postgres@127.0.0.1:5432",
+        help="PostgreSQL server URL, without a database",
+    )
+    parser.add_argument(
+        "--db-prefix",
+        default="bench",
+        help="databases are PREFIX_10k and PREFIX_1m, seeded when missing",
+    )
+    parser.add_argument(
+        "--amqp-base",
+        default="amqp://guest:guest@127.0.0.1:5672",
+        help="RabbitMQ URL, without a vhost",
+    )
+    parser.add_argument(
+        "--vhost",
+        default="bench_patient_service",
+        help="a vhost for the run alone: created, and DELETED at the end",
+    )
+    parser.add_argument(
+        "--output",
+        default=str(ROOT / "docs" / "benchmarks.md"),
+        help="markdown file whose part between the bench markers is rewritten",
+    )
     parser.add_argument("--raw", help="also write every figure as JSON here")
     parser.add_argument(
         "--rounds",
@@ -104,7 +143,11 @@ def _parser():
         help="parts each call is timed in, each after as long a part of ping",
     )
     parser.add_argument(
-        "--only", nargs="+", help="time only these calls (and ping), for profiling"
+        "--only",
+        nargs="+",
+        choices=[*CALLS, "import"],
+        metavar="CALL",
+        help=f"time only these calls (and ping): {', '.join(CALLS)}, import",
     )
     return parser
 
@@ -486,7 +529,8 @@ def _remove_written(db_uri, since):
 
 def _plans(db_uri):
     """EXPLAIN ANALYZE of the statement each search runs, as the service
-    builds it."""
+    builds and runs it: prepared, after enough runs that PostgreSQL may
+    have settled on a generic plan, as on the service's connections."""
     work = Workload(db_uri)
     rng = random.Random(0)
     searches = {
@@ -503,13 +547,22 @@ def _plans(db_uri):
         "identifier": {"identifier": "|".join(work.identifiers[0])},
     }
     plans = {}
+    dialect = psycopg2_dialect()
     with _connect(db_uri) as conn, conn.cursor() as cur:
-        for name, criteria in searches.items():
-            query, _, _ = search_query(criteria, region="US")
+        for number, (name, criteria) in enumerate(searches.items()):
+            query, _, _ = search_query(criteria, region="US", encoded=True)
             compiled = query.compile(
-                dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+                dialect=dialect, compile_kwargs={"render_postcompile": True}
             )
-            cur.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {compiled}")
+            parameters = {
+                key: str(value) if isinstance(value, uuid.UUID) else value
+                for key, value in compiled.params.items()
+            }
+            prepare, execute = prepared_forms(f"plan_{number}", str(compiled), ())
+            cur.execute(prepare)
+            for _ in range(PLAN_WARMUP_RUNS):
+                cur.execute(execute, parameters)
+            cur.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {execute}", parameters)
             plans[name] = {
                 "criteria": criteria,
                 "plan": "\n".join(row[0] for row in cur.fetchall()),
