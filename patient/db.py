@@ -91,8 +91,8 @@ def read_only(session):
 def prepared(statement):
     """``statement``, run as a PostgreSQL prepared statement: parsed and
     planned once per connection instead of on every call (psycopg2 prepares
-    nothing itself). For the hot reads, whose planning cost more than their
-    execution."""
+    nothing itself). For statements run often, whose planning costs about as
+    much as their execution."""
     return statement.execution_options(prepare=True)
 
 

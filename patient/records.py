@@ -12,7 +12,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from patient import audit, idempotency
@@ -357,12 +357,9 @@ def _register_locked(session, resource, caller, idempotency_key, position, regio
                 replay = idempotency.claim(session, scope, key, request_hash)
                 if replay is not None:
                     return REPLAYED, replay
-            session.execute(
-                insert(Patient),
-                [patient_row(patient_id, 1, stored, now, keys, created_at=now)],
-            )
-            _write_search_keys(session, patient_id, keys)
-            audit.record(session, "create", caller, now, patient_id, 1)
+            rows = _Rows(caller, now)
+            rows.add(patient_id, stored, keys)
+            insert_all(session, rows.writes())
             if key is not None:
                 idempotency.record_answer(session, scope, key, patient_id, stored)
     except IntegrityError:
@@ -609,11 +606,20 @@ def search_key_rows(patient_id, keys):
     )
 
 
-def _write_search_keys(session, patient_id, keys):
-    insert_all(
-        session,
-        list(zip(SEARCH_KEY_TABLES, search_key_rows(patient_id, keys), strict=True)),
+def _search_key_writes(patient_id, keys):
+    """``(table, rows)`` of a patient's search keys, for ``insert_all``."""
+    return list(zip(SEARCH_KEY_TABLES, search_key_rows(patient_id, keys), strict=True))
+
+
+# Every search key of one patient, in one statement. Table names come from
+# the models' metadata.
+_DELETE_SEARCH_KEYS = "WITH {} SELECT 1".format(
+    ", ".join(
+        f"d{number} AS (DELETE FROM {table.__tablename__}"  # noqa: S608
+        " WHERE patient_id = %(patient_id)s)"
+        for number, table in enumerate(SEARCH_KEY_TABLES)
     )
+)
 
 
 def _replace(session, patient_id, version, stored, now, keys, audit_row):
@@ -621,20 +627,11 @@ def _replace(session, patient_id, version, stored, now, keys, audit_row):
     in place of the old ones, and its audit row, in three statements."""
     row = patient_row(patient_id, version, stored, now, keys)
     session.execute(update(Patient).where(Patient.id == patient_id).values(**row))
-    deletes = ", ".join(
-        f"d{number} AS (DELETE FROM {table.__tablename__}"  # noqa: S608 - metadata
-        " WHERE patient_id = %(patient_id)s)"
-        for number, table in enumerate(SEARCH_KEY_TABLES)
-    )
     session.connection().exec_driver_sql(
-        f"WITH {deletes} SELECT 1", {"patient_id": str(patient_id)}
+        _DELETE_SEARCH_KEYS, {"patient_id": str(patient_id)}
     )
     insert_all(
-        session,
-        [
-            *zip(SEARCH_KEY_TABLES, search_key_rows(patient_id, keys), strict=True),
-            (AuditEvent, [audit_row]),
-        ],
+        session, [*_search_key_writes(patient_id, keys), (AuditEvent, [audit_row])]
     )
 
 

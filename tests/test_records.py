@@ -9,6 +9,8 @@ import pytest
 from nameko.standalone.rpc import ClusterRpcProxy
 from sqlalchemy import func, select
 
+from patient import records, search
+from patient.caller import Caller
 from patient.errors import (
     DuplicatePatient,
     IdempotencyKeyReused,
@@ -306,3 +308,32 @@ def test_failed_write_leaves_no_audit_and_no_key(patients, db):
         ).scalar_one()
         == 0
     )
+
+
+def test_a_batch_the_bulk_write_refuses_goes_entry_by_entry(db, monkeypatch):
+    caller = Caller(actor="test")
+    first = patient()
+    [stored] = records.register_patients(
+        db, [{"resource": first, "idempotency_key": "b-1"}], caller
+    )
+    # As if the key and identifier were taken after the batch read what was
+    # taken: the bulk insert then violates their uniqueness.
+    monkeypatch.setattr(records._Batch, "_answers", lambda self: {})
+    monkeypatch.setattr(records._Batch, "_holders", lambda self, entries: {})
+    second = patient(name=[{"family": "Entryby", "given": ["Entry"]}])
+
+    results = records.register_patients(
+        db,
+        [
+            {"resource": first, "idempotency_key": "b-1"},
+            {"resource": second, "idempotency_key": "b-2"},
+        ],
+        caller,
+    )
+
+    assert results[0] == {**stored, "status": "replayed"}
+    assert results[1]["status"] == "created"
+    found = search.search_patients(db, {"family": "entryby"})["patients"]
+    assert [p["id"] for p in found] == [results[1]["id"]]
+    assert count(db, Patient) == 2
+    assert count(db, AuditEvent) == 2
