@@ -163,7 +163,8 @@ import sys
 from kombu.utils.url import url_to_parts
 parts = url_to_parts(sys.argv[1])
 print(parts.path or "/", parts.username or "guest")' "$1")
-    rabbitmqctl -q list_vhosts name 2>/dev/null | grep -qxF -- "$vhost" && return 0
+    # -s: no header line, which would read as a vhost called "name".
+    rabbitmqctl -s list_vhosts name 2>/dev/null | grep -qxF -- "$vhost" && return 0
     say "creating the RabbitMQ vhost $vhost for $user"
     { rabbitmqctl -q add_vhost "$vhost" &&
         rabbitmqctl -q set_permissions -p "$vhost" "$user" '.*' '.*' '.*'; } ||
@@ -185,7 +186,7 @@ except Exception as exc:
     print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
     sys.exit(1)
 EOF
-        die "RabbitMQ refused AMQP_URI (above): create its vhost and user, or fix the URI"
+        die "could not log in with AMQP_URI (reason above): create its vhost and user, or fix the URI"
 }
 
 # Creates the database named in DB_URI unless it exists. Tries the database
