@@ -206,6 +206,10 @@ def read_json(request, media_types, limit):
     data = _read_at_most(_body_stream(request), limit + 1)
     if len(data) > limit:
         raise PayloadTooLarge(limit)
+    # Known shortcoming: JSON numbers become floats here and in kombu's RPC
+    # decoding, so a FHIR decimal keeps neither its precision nor its
+    # trailing zeros (1.50 comes back 1.5, 1e-400 as 0.0). Parsing them as
+    # Decimal on both paths, and encoding Decimal back as written, would.
     try:
         return json.loads(
             data.decode("utf-8"),
